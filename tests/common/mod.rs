@@ -1,0 +1,179 @@
+//! Helpers shared by the integration tests: free loopback ports, child processes that are
+//! killed when the test ends (even on panic), and waiting on conditions with deadlines.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A loopback port that was free a moment ago. The kernel hands out ephemeral ports in
+/// sequence, so the race with another process taking it first is negligible for tests.
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port on loopback");
+    l.local_addr().expect("local addr").port()
+}
+
+/// Path of one of the package's binaries, built by cargo for the integration tests.
+pub fn bin(name: &str) -> PathBuf {
+    match name {
+        "vtox-sim" => PathBuf::from(env!("CARGO_BIN_EXE_vtox-sim")),
+        "vtox-sink" => PathBuf::from(env!("CARGO_BIN_EXE_vtox-sink")),
+        other => panic!("unknown binary {other}"),
+    }
+}
+
+/// A child process that is killed and reaped when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, args: &[&str]) -> Proc {
+        Self::spawn_with(name, args, Stdio::null())
+    }
+
+    /// Spawns with stdout captured (for the simulator's metric lines).
+    pub fn spawn_piped(name: &str, args: &[&str]) -> Proc {
+        Self::spawn_with(name, args, Stdio::piped())
+    }
+
+    fn spawn_with(name: &str, args: &[&str], stdout: Stdio) -> Proc {
+        let child = Command::new(bin(name))
+            .args(args)
+            .stdout(stdout)
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        Proc {
+            child,
+            name: name.to_string(),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends a signal by number (SIGTERM = 15, SIGKILL = 9, SIGSTOP = 19, SIGCONT = 18).
+    pub fn signal(&self, sig: i32) {
+        let _ = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status();
+    }
+
+    /// Waits for the process to exit, up to `deadline`; None if it did not.
+    pub fn wait_timeout(&mut self, deadline: Duration) -> Option<std::process::ExitStatus> {
+        let end = Instant::now() + deadline;
+        while Instant::now() < end {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `cond` every 50 ms until it returns Some or the deadline passes.
+pub fn wait_for<T>(what: &str, deadline: Duration, mut cond: impl FnMut() -> Option<T>) -> T {
+    let end = Instant::now() + deadline;
+    loop {
+        if let Some(v) = cond() {
+            return v;
+        }
+        if Instant::now() >= end {
+            panic!("timed out after {deadline:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A blocking HTTP/1.1 request over a fresh loopback connection; returns (status, body).
+/// Hand-rolled on purpose: the tests must not share code paths with the HTTP stack under test.
+pub fn http(
+    method: &str,
+    addr: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).ok()?;
+    s.write_all(body).ok()?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).ok()?;
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let status: u16 = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = match text.find("\r\n\r\n") {
+        Some(i) => text[i + 4..].to_string(),
+        None => String::new(),
+    };
+    // Chunked bodies are decoded crudely: the tests only read small JSON bodies.
+    let body = if text
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(&body)
+    } else {
+        body
+    };
+    Some((status, body))
+}
+
+fn dechunk(s: &str) -> String {
+    let mut out = String::new();
+    let mut rest = s;
+    while let Some(i) = rest.find("\r\n") {
+        let Ok(n) = usize::from_str_radix(rest[..i].trim(), 16) else {
+            break;
+        };
+        if n == 0 {
+            break;
+        }
+        let start = i + 2;
+        if rest.len() < start + n {
+            out.push_str(&rest[start..]);
+            break;
+        }
+        out.push_str(&rest[start..start + n]);
+        rest = &rest[start + n..];
+        rest = rest.strip_prefix("\r\n").unwrap_or(rest);
+    }
+    out
+}
+
+/// GET a JSON document.
+pub fn get_json(addr: &str, path: &str) -> Option<serde_json::Value> {
+    let (status, body) = http("GET", addr, path, &[], b"")?;
+    if status != 200 {
+        return None;
+    }
+    serde_json::from_str(&body).ok()
+}
+
+/// Waits until something accepts TCP connections on `addr`.
+pub fn wait_listening(addr: &str, deadline: Duration) {
+    wait_for(&format!("{addr} to listen"), deadline, || {
+        std::net::TcpStream::connect(addr).ok().map(|_| ())
+    });
+}
