@@ -2,14 +2,17 @@
 //! metrics, ingest contract). Nothing here opens a socket, spawns a process or reads a clock
 //! on its own: callers pass time in, which keeps every piece testable in isolation.
 
+pub mod capacity;
 pub mod duration;
 pub mod faults;
 pub mod fleet;
 pub mod http1;
 pub mod ingest;
 pub mod metrics;
+pub mod plan;
 pub mod rng;
 pub mod schedule;
 pub mod signal;
 pub mod sink;
 pub mod telemetry;
+pub mod wire;

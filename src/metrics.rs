@@ -94,22 +94,31 @@ impl Latency {
         Ok(Latency(h))
     }
 
+    /// The standard compressed V2 encoding, base64 (as in HdrHistogram logs).
     pub fn encode(&self) -> String {
-        let mut buf = Vec::new();
-        // Serializing into a Vec only fails on values the histogram cannot hold.
-        match V2DeflateSerializer::new().serialize(&self.0, &mut buf) {
-            Ok(_) => base64::engine::general_purpose::STANDARD.encode(buf),
-            Err(_) => String::new(),
-        }
+        base64::engine::general_purpose::STANDARD.encode(self.to_bytes())
     }
 
     pub fn decode(text: &str) -> Result<Latency, MetricsError> {
-        if text.is_empty() {
+        Self::from_bytes(&base64::engine::general_purpose::STANDARD.decode(text)?)
+    }
+
+    /// The standard compressed V2 encoding as raw bytes (for protobuf fields).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut buf = Vec::new();
+        // Serializing into a Vec only fails on values the histogram cannot hold.
+        match V2DeflateSerializer::new().serialize(&self.0, &mut buf) {
+            Ok(_) => buf,
+            Err(_) => Vec::new(),
+        }
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> Result<Latency, MetricsError> {
+        if bytes.is_empty() {
             return Ok(Latency::new());
         }
-        let bytes = base64::engine::general_purpose::STANDARD.decode(text)?;
         let h: Histogram<u64> = Deserializer::new()
-            .deserialize(&mut bytes.as_slice())
+            .deserialize(&mut &bytes[..])
             .map_err(|e| MetricsError::Decode(format!("{e:?}")))?;
         // Re-home the values into our standard layout so any two decoded histograms merge.
         let mut out = Latency::new();

@@ -19,6 +19,8 @@ pub fn bin(name: &str) -> PathBuf {
     match name {
         "vtox-sim" => PathBuf::from(env!("CARGO_BIN_EXE_vtox-sim")),
         "vtox-sink" => PathBuf::from(env!("CARGO_BIN_EXE_vtox-sink")),
+        "vtox-coord" => PathBuf::from(env!("CARGO_BIN_EXE_vtox-coord")),
+        "vtox-agent" => PathBuf::from(env!("CARGO_BIN_EXE_vtox-agent")),
         other => panic!("unknown binary {other}"),
     }
 }
@@ -43,6 +45,21 @@ impl Proc {
         let child = Command::new(bin(name))
             .args(args)
             .stdout(stdout)
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        Proc {
+            child,
+            name: name.to_string(),
+        }
+    }
+
+    /// Spawns with extra environment variables and stdout captured.
+    pub fn spawn_env(name: &str, args: &[&str], env: &[(&str, &str)]) -> Proc {
+        let child = Command::new(bin(name))
+            .args(args)
+            .envs(env.iter().copied())
+            .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
@@ -176,4 +193,65 @@ pub fn wait_listening(addr: &str, deadline: Duration) {
     wait_for(&format!("{addr} to listen"), deadline, || {
         std::net::TcpStream::connect(addr).ok().map(|_| ())
     });
+}
+
+/// A fresh scratch directory under the system temp dir, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!(
+            "vtox-test-{tag}-{}-{}",
+            std::process::id(),
+            free_port()
+        ));
+        std::fs::create_dir_all(&p).expect("create temp dir");
+        TempDir(p)
+    }
+
+    pub fn path(&self) -> &str {
+        self.0.to_str().expect("utf-8 temp path")
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Pids of the live processes whose parent is `ppid`.
+pub fn children_of(ppid: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| {
+                    // The command name may contain spaces: fields resume after the last ')'.
+                    let rest = &s[s.rfind(')')? + 2..];
+                    let mut f = rest.split_whitespace();
+                    let state = f.next()?;
+                    let parent: u32 = f.next()?.parse().ok()?;
+                    Some(parent == ppid && state != "Z")
+                })
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+/// Whether a process is alive (and not a zombie).
+pub fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s[s.rfind(')')? + 2..]
+                .split_whitespace()
+                .next()
+                .map(|st| st != "Z")
+        })
+        .unwrap_or(false)
 }

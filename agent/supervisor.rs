@@ -1,0 +1,535 @@
+//! The agent's local reconcile loop: it owns the simulator processes, starts what the newest
+//! assignment wants, stops what it no longer wants, restarts crashed instances with backoff,
+//! and keeps each incarnation's cumulative counters for the heartbeats.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::sync::{mpsc, oneshot};
+use vtox::metrics::SimReport;
+use vtox::wire::pb::{self, Phase};
+
+/// Restart backoff: 1 s doubling to 30 s; five crashes within a minute mark the instance failed.
+const BACKOFF_FIRST: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+const CRASH_WINDOW: Duration = Duration::from_secs(60);
+const CRASH_LIMIT: usize = 5;
+
+pub struct Config {
+    pub sim_bin: PathBuf,
+    pub log_dir: PathBuf,
+    pub agent: String,
+    pub lease: Duration,
+}
+
+/// What the rest of the agent asks of the supervisor.
+pub enum Command {
+    /// A new desired state from the coordinator (also renews the lease).
+    Apply(pb::Assignment),
+    /// The statuses to put in the next heartbeat.
+    Snapshot(oneshot::Sender<(u64, Vec<pb::InstanceStatus>, u64)>),
+    /// Stop everything and answer when all simulators have exited.
+    Shutdown(oneshot::Sender<()>),
+}
+
+enum Event {
+    Line {
+        index: u32,
+        incarnation: u64,
+        report: Box<SimReport>,
+    },
+    BadLine {
+        index: u32,
+        incarnation: u64,
+    },
+    Exited {
+        index: u32,
+        incarnation: u64,
+        success: bool,
+        detail: String,
+    },
+}
+
+struct Instance {
+    spec: pb::InstanceSpec,
+    phase: Phase,
+    restarts: u32,
+    crashes: VecDeque<Instant>,
+    incarnation: u64,
+    counters: pb::Counters,
+    pid: Option<u32>,
+    next_start: Instant,
+    last_error: String,
+}
+
+pub struct Supervisor {
+    cfg: Config,
+    epoch: u64,
+    run_id: String,
+    spec: Option<pb::RunSpec>,
+    instances: BTreeMap<u32, Instance>,
+    /// Ended incarnations of the current run; reported so that no count is ever lost.
+    history: Vec<pb::InstanceStatus>,
+    /// Processes told to stop that have not exited yet.
+    stopping: BTreeMap<u32, u32>,
+    last_heard: Instant,
+    /// Set when the lease expired: the next assignment is applied even if its epoch is known.
+    lapsed: bool,
+    events_tx: mpsc::UnboundedSender<Event>,
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn signal(pid: u32, sig: i32) {
+    // SAFETY: kill(2) has no memory-safety preconditions; a stale pid at worst signals nothing.
+    unsafe {
+        libc::kill(pid as i32, sig);
+    }
+}
+
+/// Runs the supervisor until it is shut down.
+pub async fn run(cfg: Config, mut commands: mpsc::Receiver<Command>) {
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let mut sup = Supervisor {
+        cfg,
+        epoch: 0,
+        run_id: String::new(),
+        spec: None,
+        instances: BTreeMap::new(),
+        history: Vec::new(),
+        stopping: BTreeMap::new(),
+        last_heard: Instant::now(),
+        lapsed: false,
+        events_tx,
+    };
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        tokio::select! {
+            cmd = commands.recv() => match cmd {
+                Some(Command::Apply(a)) => sup.apply(a),
+                Some(Command::Snapshot(reply)) => {
+                    let _ = reply.send((sup.epoch, sup.statuses(), sup.rss_bytes()));
+                }
+                Some(Command::Shutdown(done)) => {
+                    sup.shutdown(&mut events).await;
+                    let _ = done.send(());
+                    return;
+                }
+                None => {
+                    sup.shutdown(&mut events).await;
+                    return;
+                }
+            },
+            Some(ev) = events.recv() => sup.handle(ev),
+            _ = tick.tick() => sup.tick(),
+        }
+    }
+}
+
+impl Supervisor {
+    fn apply(&mut self, a: pb::Assignment) {
+        if a.epoch < self.epoch {
+            tracing::warn!(
+                epoch = a.epoch,
+                current = self.epoch,
+                "refusing a stale assignment"
+            );
+            return;
+        }
+        self.last_heard = Instant::now();
+        if a.epoch == self.epoch && a.run_id == self.run_id && !self.lapsed {
+            return;
+        }
+        self.lapsed = false;
+        self.epoch = a.epoch;
+        if a.run_id != self.run_id {
+            self.stop_all(if a.run_id.is_empty() {
+                "run ended"
+            } else {
+                "new run"
+            });
+            self.history.clear();
+            self.run_id = a.run_id.clone();
+        }
+        self.spec = a.spec;
+        let desired: BTreeMap<u32, pb::InstanceSpec> =
+            a.instances.into_iter().map(|i| (i.index, i)).collect();
+        let unwanted: Vec<u32> = self
+            .instances
+            .iter()
+            .filter(|(idx, inst)| desired.get(idx) != Some(&inst.spec))
+            .map(|(idx, _)| *idx)
+            .collect();
+        for idx in unwanted {
+            self.stop(idx, "no longer assigned");
+        }
+        let stagger = Duration::from_secs_f64(
+            self.spec
+                .as_ref()
+                .map(|s| s.stagger_s)
+                .unwrap_or(0.0)
+                .max(0.0),
+        );
+        let now = Instant::now();
+        let mut position = 0u32;
+        for (idx, spec) in desired {
+            if self.instances.contains_key(&idx) {
+                continue;
+            }
+            tracing::info!(
+                instance = idx,
+                first = spec.first_vehicle,
+                vehicles = spec.vehicles,
+                "assigned"
+            );
+            self.instances.insert(
+                idx,
+                Instance {
+                    spec,
+                    phase: Phase::Starting,
+                    restarts: 0,
+                    crashes: VecDeque::new(),
+                    incarnation: 0,
+                    counters: pb::Counters::default(),
+                    pid: None,
+                    next_start: now + stagger * position,
+                    last_error: String::new(),
+                },
+            );
+            position += 1;
+        }
+    }
+
+    fn stop(&mut self, idx: u32, why: &str) {
+        if let Some(inst) = self.instances.remove(&idx) {
+            tracing::info!(instance = idx, why, "stopping");
+            if let Some(pid) = inst.pid {
+                signal(pid, libc::SIGTERM);
+                self.stopping.insert(pid, idx);
+            }
+            self.history.push(status_of(&self.run_id, idx, &inst));
+        }
+    }
+
+    fn stop_all(&mut self, why: &str) {
+        let all: Vec<u32> = self.instances.keys().copied().collect();
+        for idx in all {
+            self.stop(idx, why);
+        }
+    }
+
+    fn tick(&mut self) {
+        let now = Instant::now();
+        if !self.instances.is_empty() && now.duration_since(self.last_heard) > self.cfg.lease {
+            // The coordinator may already have moved these vehicles elsewhere: never drive them
+            // twice. The next assignment restarts whatever is still ours.
+            tracing::warn!(lease = ?self.cfg.lease, "lease expired without word from the coordinator; stopping all instances");
+            self.stop_all("lease expired");
+            self.lapsed = true;
+            return;
+        }
+        let due: Vec<u32> = self
+            .instances
+            .iter()
+            .filter(|(_, i)| {
+                i.pid.is_none()
+                    && matches!(i.phase, Phase::Starting | Phase::Backoff)
+                    && i.next_start <= now
+            })
+            .map(|(idx, _)| *idx)
+            .collect();
+        for idx in due {
+            self.spawn(idx);
+        }
+    }
+
+    fn spawn(&mut self, idx: u32) {
+        let Some(spec) = self.spec.clone() else {
+            return;
+        };
+        let agent = self.cfg.agent.clone();
+        let Some(inst) = self.instances.get_mut(&idx) else {
+            return;
+        };
+        let mut args: Vec<String> = vec![
+            "--vehicles".into(),
+            inst.spec.vehicles.to_string(),
+            "--first-vehicle".into(),
+            inst.spec.first_vehicle.to_string(),
+            "--target".into(),
+            spec.target.clone(),
+            "--instance".into(),
+            idx.to_string(),
+            "--agent".into(),
+            agent,
+            "--interval".into(),
+            format!("{}s", spec.interval_s),
+            "--jitter".into(),
+            spec.jitter.to_string(),
+            "--batch-size".into(),
+            spec.batch_size.to_string(),
+            "--sampling-rate".into(),
+            spec.sampling_rate.to_string(),
+            "--seed".into(),
+            spec.seed.to_string(),
+            "--run-start".into(),
+            format!("{:.6}", spec.run_start),
+            "--timeout".into(),
+            format!("{}s", spec.timeout_s),
+            "--max-in-flight".into(),
+            spec.max_in_flight.to_string(),
+        ];
+        if !spec.faults.is_empty() {
+            args.extend(["--faults".into(), spec.faults.clone()]);
+        }
+        if !spec.id_template.is_empty() {
+            args.extend(["--id-template".into(), spec.id_template.clone()]);
+        }
+        if spec.duration_s > 0.0 {
+            // A restarted instance ends with the run, not a full duration after its restart.
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0);
+            let remaining = spec.run_start + spec.duration_s - now.max(spec.run_start);
+            if remaining <= 0.05 {
+                inst.phase = Phase::Exited;
+                return;
+            }
+            args.extend(["--duration".into(), format!("{remaining:.3}s")]);
+        }
+        let log_path = self.cfg.log_dir.join(format!("instance-{idx}.log"));
+        let stderr = match std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+        {
+            Ok(f) => Stdio::from(f),
+            Err(e) => {
+                tracing::warn!(path = %log_path.display(), "cannot open the instance log ({e}); its stderr is discarded");
+                Stdio::null()
+            }
+        };
+        let mut cmd = tokio::process::Command::new(&self.cfg.sim_bin);
+        cmd.args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .kill_on_drop(true);
+        let incarnation = unix_ms().max(inst.incarnation + 1);
+        match cmd.spawn() {
+            Ok(mut child) => {
+                inst.incarnation = incarnation;
+                inst.counters = pb::Counters::default();
+                inst.pid = child.id();
+                inst.phase = Phase::Running;
+                tracing::info!(instance = idx, pid = ?inst.pid, incarnation, "simulator started");
+                let tx = self.events_tx.clone();
+                let stdout = child.stdout.take();
+                tokio::spawn(async move {
+                    if let Some(out) = stdout {
+                        let mut lines = BufReader::new(out).lines();
+                        while let Ok(Some(line)) = lines.next_line().await {
+                            let ev = match SimReport::parse_line(&line) {
+                                Ok(report) => Event::Line {
+                                    index: idx,
+                                    incarnation,
+                                    report: Box::new(report),
+                                },
+                                Err(_) => Event::BadLine {
+                                    index: idx,
+                                    incarnation,
+                                },
+                            };
+                            let _ = tx.send(ev);
+                        }
+                    }
+                    let (success, detail) = match child.wait().await {
+                        Ok(st) => (st.success(), st.to_string()),
+                        Err(e) => (false, e.to_string()),
+                    };
+                    let _ = tx.send(Event::Exited {
+                        index: idx,
+                        incarnation,
+                        success,
+                        detail,
+                    });
+                });
+            }
+            Err(e) => {
+                tracing::error!(instance = idx, bin = %self.cfg.sim_bin.display(), "cannot start the simulator: {e}");
+                inst.last_error = format!("cannot start {}: {e}", self.cfg.sim_bin.display());
+                crashed(inst, Instant::now());
+            }
+        }
+    }
+
+    fn handle(&mut self, ev: Event) {
+        match ev {
+            Event::Line {
+                index,
+                incarnation,
+                report,
+            } => {
+                if let Some(inst) = self
+                    .instances
+                    .get_mut(&index)
+                    .filter(|i| i.incarnation == incarnation)
+                {
+                    let bad = inst.counters.bad_lines;
+                    inst.counters = pb::Counters::from_report(&report);
+                    inst.counters.bad_lines = bad;
+                } else if let Some(h) = self
+                    .history
+                    .iter_mut()
+                    .find(|h| h.index == index && h.incarnation == incarnation)
+                {
+                    // The final line of a stopped instance arrives after it left the desired set.
+                    let bad = h.counters.as_ref().map(|c| c.bad_lines).unwrap_or(0);
+                    let mut c = pb::Counters::from_report(&report);
+                    c.bad_lines = bad;
+                    h.counters = Some(c);
+                }
+            }
+            Event::BadLine { index, incarnation } => {
+                if let Some(inst) = self
+                    .instances
+                    .get_mut(&index)
+                    .filter(|i| i.incarnation == incarnation)
+                {
+                    inst.counters.bad_lines += 1;
+                }
+            }
+            Event::Exited {
+                index,
+                incarnation,
+                success,
+                detail,
+            } => {
+                let run_id = self.run_id.clone();
+                let Some(inst) = self
+                    .instances
+                    .get_mut(&index)
+                    .filter(|i| i.incarnation == incarnation)
+                else {
+                    self.stopping.retain(|_, i| *i != index);
+                    return;
+                };
+                inst.pid = None;
+                if success {
+                    tracing::info!(instance = index, "simulator finished");
+                    inst.phase = Phase::Exited;
+                    return;
+                }
+                tracing::warn!(instance = index, %detail, "simulator exited abnormally");
+                inst.last_error = format!("exited: {detail}");
+                self.history.push(status_of(&run_id, index, inst));
+                crashed(inst, Instant::now());
+            }
+        }
+    }
+
+    fn statuses(&self) -> Vec<pb::InstanceStatus> {
+        let mut out: Vec<pb::InstanceStatus> = self
+            .history
+            .iter()
+            .filter(|h| {
+                self.instances
+                    .get(&h.index)
+                    .is_none_or(|i| i.incarnation != h.incarnation)
+            })
+            .cloned()
+            .collect();
+        out.extend(
+            self.instances
+                .iter()
+                .map(|(idx, inst)| status_of(&self.run_id, *idx, inst)),
+        );
+        out
+    }
+
+    fn rss_bytes(&self) -> u64 {
+        self.instances
+            .values()
+            .filter_map(|i| i.pid)
+            .map(rss_of)
+            .sum()
+    }
+
+    async fn shutdown(&mut self, events: &mut mpsc::UnboundedReceiver<Event>) {
+        let pids: Vec<u32> = self
+            .instances
+            .values()
+            .filter_map(|i| i.pid)
+            .chain(self.stopping.keys().copied())
+            .collect();
+        self.stop_all("agent shutting down");
+        let deadline = Instant::now() + Duration::from_secs(6);
+        let mut left = pids.len();
+        while left > 0 && Instant::now() < deadline {
+            match tokio::time::timeout_at(deadline.into(), events.recv()).await {
+                Ok(Some(Event::Exited { .. })) => left -= 1,
+                Ok(Some(_)) => {}
+                _ => break,
+            }
+        }
+        for pid in pids {
+            signal(pid, libc::SIGKILL);
+        }
+    }
+}
+
+/// Schedules a restart with backoff, or marks the instance failed when it crash-loops.
+fn crashed(inst: &mut Instance, now: Instant) {
+    inst.crashes.push_back(now);
+    while inst
+        .crashes
+        .front()
+        .is_some_and(|t| now.duration_since(*t) > CRASH_WINDOW)
+    {
+        inst.crashes.pop_front();
+    }
+    if inst.crashes.len() >= CRASH_LIMIT {
+        tracing::error!(
+            instance = inst.spec.index,
+            "crash loop: {CRASH_LIMIT} crashes within a minute; giving up"
+        );
+        inst.phase = Phase::Failed;
+        return;
+    }
+    let backoff = BACKOFF_FIRST
+        .saturating_mul(1u32 << inst.restarts.min(5))
+        .min(BACKOFF_MAX);
+    inst.restarts += 1;
+    inst.phase = Phase::Backoff;
+    inst.next_start = now + backoff;
+}
+
+fn status_of(run_id: &str, idx: u32, inst: &Instance) -> pb::InstanceStatus {
+    pb::InstanceStatus {
+        run_id: run_id.to_string(),
+        index: idx,
+        first_vehicle: inst.spec.first_vehicle,
+        vehicles: inst.spec.vehicles,
+        phase: inst.phase as i32,
+        restarts: inst.restarts,
+        incarnation: inst.incarnation,
+        counters: Some(inst.counters.clone()),
+        last_error: inst.last_error.clone(),
+    }
+}
+
+fn rss_of(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/statm"))
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map(|pages| pages * 4096)
+        .unwrap_or(0)
+}

@@ -1,0 +1,245 @@
+//! `vtox-coord`: the coordinator (`serve`) and the CLI that plans, starts, watches and stops
+//! fleets across the agents that joined it.
+
+#[path = "../agent/hardware.rs"]
+mod hardware;
+
+mod cli;
+mod local;
+mod planning;
+mod server;
+
+use clap::{Args as ClapArgs, Parser, Subcommand};
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+use vtox::duration::parse_duration;
+
+/// Spread a simulated EV fleet over many hosts and drive it against a VTOX backend.
+///
+/// Start `vtox-coord serve` once, `vtox-agent --join COORD:50051` on every host, then
+/// `vtox-coord run N`. `vtox-coord run N --local` does all of it on this machine.
+#[derive(Debug, Parser)]
+#[command(name = "vtox-coord", version)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run the coordinator: the gRPC server that agents join and the CLI talks to.
+    Serve(ServeArgs),
+    /// Show how N vehicles would spread over the hosts, and what each host can carry.
+    Plan(PlanArgs),
+    /// Estimate what each host can carry, beside the old tool's reference table.
+    Capacity(CapacityArgs),
+    /// Plan N vehicles over the joined agents, run them, watch live, print a summary.
+    Run(RunArgs),
+    /// Show the current run.
+    Status(StatusArgs),
+    /// Stop the current run.
+    Stop(CoordArg),
+    /// List the agents that joined.
+    Agents(AgentsArgs),
+}
+
+#[derive(Debug, ClapArgs)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+    /// An agent that hears nothing from the coordinator this long stops its simulators.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub lease: Duration,
+    /// How often assignments are resent (renewing leases) and agents report.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub heartbeat: Duration,
+}
+
+#[derive(Debug, Clone, ClapArgs)]
+pub struct CoordArg {
+    /// Coordinator address.
+    #[arg(long, default_value = "http://127.0.0.1:50051", env = "VTOX_COORD")]
+    pub coord: String,
+}
+
+#[derive(Debug, Clone, ClapArgs)]
+pub struct LoadArgs {
+    /// Vehicles per simulator instance (process).
+    #[arg(long, default_value_t = 50)]
+    pub per_instance: u32,
+    /// Time between two messages of one vehicle.
+    #[arg(long, default_value = "1.2s", value_parser = parse_duration)]
+    pub interval: Duration,
+    /// Samples per message.
+    #[arg(long, default_value_t = 10)]
+    pub batch_size: u32,
+    /// Plan even when the hosts' estimated capacity is too small.
+    #[arg(long)]
+    pub overcommit: bool,
+}
+
+#[derive(Debug, ClapArgs)]
+pub struct PlanArgs {
+    /// Number of vehicles.
+    #[arg(value_parser = planning::parse_vehicles, allow_hyphen_values = true)]
+    pub vehicles: u64,
+    /// Plan over the agents joined to this coordinator.
+    #[arg(long, conflicts_with = "hosts")]
+    pub coord: Option<String>,
+    /// Plan over hypothetical hosts, e.g. 4c8g,8c32g@1000mbps,3x16c64g.
+    #[arg(long)]
+    pub hosts: Option<String>,
+    /// Cap every host at this many vehicles.
+    #[arg(long)]
+    pub max_vehicles: Option<u64>,
+    #[command(flatten)]
+    pub load: LoadArgs,
+    /// Print one JSON object instead of tables.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, ClapArgs)]
+pub struct CapacityArgs {
+    /// Estimate the agents joined to this coordinator.
+    #[arg(long, conflicts_with = "hosts")]
+    pub coord: Option<String>,
+    /// Estimate hypothetical hosts, e.g. 4c8g,8c32g@1000mbps.
+    #[arg(long)]
+    pub hosts: Option<String>,
+    #[command(flatten)]
+    pub load: LoadArgs,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, ClapArgs)]
+pub struct RunArgs {
+    /// Number of vehicles.
+    #[arg(value_parser = planning::parse_vehicles, allow_hyphen_values = true)]
+    pub vehicles: u64,
+    #[command(flatten)]
+    pub coord: CoordArg,
+    /// Start a coordinator, one agent and (without --target) a vtox-sink on this machine.
+    #[arg(long)]
+    pub local: bool,
+    /// Base URL of the backend's ingest API [default: http://127.0.0.1:8000, or the local sink].
+    #[arg(long)]
+    pub target: Option<String>,
+    /// How long the fleet drives [default: until Ctrl-C].
+    #[arg(long, value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+    #[command(flatten)]
+    pub load: LoadArgs,
+    /// Percent of vehicles with a developing fault, e.g. insulation=5,bearing=3.
+    #[arg(long, default_value = "")]
+    pub faults: String,
+    /// Delay between starting two instances on one agent.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub stagger: Duration,
+    /// Wait until this many agents joined before planning.
+    #[arg(long, default_value_t = 1)]
+    pub expect_agents: u32,
+    /// How long to wait for them.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub wait: Duration,
+    /// Exit non-zero when fewer than this percent of requests succeeded.
+    #[arg(long, default_value_t = 99.0)]
+    pub min_success: f64,
+    /// Seed of every random choice (which vehicles fail and when, drive cycles, jitter).
+    #[arg(long, default_value_t = 2024)]
+    pub seed: u64,
+    /// Request timeout of the simulators.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub timeout: Duration,
+    /// Most requests in flight per instance.
+    #[arg(long, default_value_t = 1024)]
+    pub max_in_flight: u32,
+    /// Samples per second of the samples in a message.
+    #[arg(long, default_value_t = 50)]
+    pub sampling_rate: u32,
+    /// Print the final summary as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, ClapArgs)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub coord: CoordArg,
+    /// Keep printing until Ctrl-C.
+    #[arg(long)]
+    pub watch: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, ClapArgs)]
+pub struct AgentsArgs {
+    #[command(flatten)]
+    pub coord: CoordArg,
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn init_logs(format: LogFormat, default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The server logs its work; the CLI commands print results and keep logs to warnings.
+    let default_level = if matches!(cli.cmd, Cmd::Serve(_)) {
+        "info"
+    } else {
+        "warn"
+    };
+    init_logs(cli.log_format, default_level);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.cmd {
+            Cmd::Serve(a) => cli::serve(a).await.map(|_| ExitCode::SUCCESS),
+            Cmd::Plan(a) => cli::plan(a).await,
+            Cmd::Capacity(a) => cli::capacity(a).await,
+            Cmd::Run(a) => cli::run(a).await,
+            Cmd::Status(a) => cli::status(a).await,
+            Cmd::Stop(a) => cli::stop(a).await,
+            Cmd::Agents(a) => cli::agents(a).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

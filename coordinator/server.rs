@@ -1,0 +1,632 @@
+//! The coordinator's control plane. It keeps the desired state (the run and its plan: which
+//! agent drives which instance over which vehicles) and the observed state (what each agent
+//! reports), and one reconcile loop sends every connected agent its desired assignment,
+//! stamped with an epoch. The same message, resent every heartbeat, renews the agent's lease.
+
+use crate::planning;
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::{mpsc, Notify};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status, Streaming};
+use vtox::metrics::Latency;
+use vtox::plan::Plan;
+use vtox::wire::pb::{self, agent_message, coordinator_message};
+use vtox::wire::PROTOCOL_MAJOR;
+
+/// Outbound messages queued per agent before the coordinator stops waiting for a slow one.
+const SESSION_QUEUE: usize = 16;
+
+pub struct Settings {
+    pub lease: Duration,
+    pub heartbeat: Duration,
+}
+
+struct AgentEntry {
+    name: String,
+    hardware: pb::Hardware,
+    max_vehicles: u64,
+    address: String,
+    session: Option<(u64, mpsc::Sender<Result<pb::CoordinatorMessage, Status>>)>,
+    last_seen: Instant,
+    usage: pb::HostUsage,
+    /// Epoch of the assignment the agent says it runs.
+    epoch_seen: u64,
+}
+
+impl AgentEntry {
+    fn connected(&self) -> bool {
+        self.session.is_some()
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum RunState {
+    Running,
+    Finished,
+    Stopped,
+}
+
+impl RunState {
+    fn as_str(self) -> &'static str {
+        match self {
+            RunState::Running => "running",
+            RunState::Finished => "finished",
+            RunState::Stopped => "stopped",
+        }
+    }
+}
+
+struct Run {
+    id: String,
+    spec: pb::RunSpec,
+    plan: Plan,
+    started: Instant,
+    state: RunState,
+    ended: Option<Instant>,
+}
+
+/// What is known of one incarnation of one instance: its cumulative counters.
+struct Incarnation {
+    status: pb::InstanceStatus,
+    latency: Latency,
+}
+
+#[derive(Default)]
+struct State {
+    agents: BTreeMap<String, AgentEntry>,
+    run: Option<Run>,
+    epoch: u64,
+    /// (agent, instance, incarnation) of the current run.
+    incarnations: BTreeMap<(String, u32, u64), Incarnation>,
+    next_session: u64,
+}
+
+pub struct Coordinator {
+    state: Mutex<State>,
+    changed: Notify,
+    settings: Settings,
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn unix_s() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+impl Coordinator {
+    pub fn new(settings: Settings) -> Arc<Self> {
+        // Epochs start at the wall clock in milliseconds, so a restarted coordinator's commands
+        // are never older than the ones its agents already applied.
+        let state = State {
+            epoch: unix_ms(),
+            ..Default::default()
+        };
+        Arc::new(Coordinator {
+            state: Mutex::new(state),
+            changed: Notify::new(),
+            settings,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        match self.state.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// The reconcile loop: each agent gets its desired assignment now when something changed,
+    /// and again every heartbeat as its lease renewal.
+    pub async fn reconcile_loop(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(self.settings.heartbeat);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = self.changed.notified() => {}
+            }
+            let mut st = self.lock();
+            st.update_run_state();
+            let epoch = st.epoch;
+            let mut lost = Vec::new();
+            for (name, agent) in &st.agents {
+                let Some((_, tx)) = &agent.session else {
+                    continue;
+                };
+                let msg = pb::CoordinatorMessage {
+                    msg: Some(coordinator_message::Msg::Assignment(
+                        st.assignment_for(name, epoch),
+                    )),
+                };
+                match tx.try_send(Ok(msg)) {
+                    Ok(()) => {}
+                    // A full queue means the agent is slow; the next tick tries again.
+                    Err(mpsc::error::TrySendError::Full(_)) => {}
+                    Err(mpsc::error::TrySendError::Closed(_)) => lost.push(name.clone()),
+                }
+            }
+            for name in lost {
+                if let Some(a) = st.agents.get_mut(&name) {
+                    a.session = None;
+                }
+            }
+        }
+    }
+}
+
+impl State {
+    fn assignment_for(&self, agent: &str, epoch: u64) -> pb::Assignment {
+        match &self.run {
+            Some(run) if run.state == RunState::Running => pb::Assignment {
+                epoch,
+                run_id: run.id.clone(),
+                spec: Some(run.spec.clone()),
+                instances: run
+                    .plan
+                    .agents
+                    .iter()
+                    .filter(|a| a.name == agent)
+                    .flat_map(|a| a.instances.iter())
+                    .map(|i| pb::InstanceSpec {
+                        index: i.index,
+                        first_vehicle: i.first_vehicle,
+                        vehicles: i.vehicles,
+                    })
+                    .collect(),
+            },
+            _ => pb::Assignment {
+                epoch,
+                run_id: String::new(),
+                spec: None,
+                instances: Vec::new(),
+            },
+        }
+    }
+
+    fn bump_epoch(&mut self) {
+        self.epoch = (self.epoch + 1).max(unix_ms());
+    }
+
+    /// A run with a duration is finished once every planned instance reported that it exited,
+    /// or well after its end (an agent that vanished cannot hold the run open).
+    fn update_run_state(&mut self) {
+        let Some(run) = &self.run else { return };
+        if run.state != RunState::Running || run.spec.duration_s <= 0.0 {
+            return;
+        }
+        let elapsed = unix_s() - run.spec.run_start;
+        let all_exited = run.plan.agents.iter().all(|a| {
+            a.instances.iter().all(|i| {
+                self.incarnations
+                    .iter()
+                    .filter(|((agent, idx, _), _)| agent == &a.name && *idx == i.index)
+                    .max_by_key(|((_, _, inc), _)| *inc)
+                    .is_some_and(|(_, inc)| inc.status.phase == pb::Phase::Exited as i32)
+            })
+        });
+        if (all_exited && elapsed >= run.spec.duration_s) || elapsed > run.spec.duration_s + 30.0 {
+            if let Some(run) = &mut self.run {
+                run.state = RunState::Finished;
+                run.ended = Some(Instant::now());
+            }
+            self.bump_epoch();
+        }
+    }
+
+    fn record(&mut self, agent: &str, hb: pb::Heartbeat) {
+        let Some(run_id) = self.run.as_ref().map(|r| r.id.clone()) else {
+            return;
+        };
+        for status in hb.instances {
+            if status.run_id != run_id {
+                continue;
+            }
+            let key = (agent.to_string(), status.index, status.incarnation);
+            let counters = status.counters.clone().unwrap_or_default();
+            let entry = self.incarnations.entry(key);
+            match entry {
+                std::collections::btree_map::Entry::Occupied(mut e) => {
+                    let old = e
+                        .get()
+                        .status
+                        .counters
+                        .as_ref()
+                        .map(|c| (c.sent, c.accepted + c.failed))
+                        .unwrap_or((0, 0));
+                    // Counters only grow within an incarnation; an older report arriving late
+                    // must not take counts back.
+                    if (counters.sent, counters.accepted + counters.failed) >= old {
+                        if (counters.accepted + counters.failed) != old.1 {
+                            e.get_mut().latency =
+                                Latency::from_bytes(&counters.latency_hdr).unwrap_or_default();
+                        }
+                        e.get_mut().status = status;
+                    }
+                }
+                std::collections::btree_map::Entry::Vacant(v) => {
+                    let latency = Latency::from_bytes(&counters.latency_hdr).unwrap_or_default();
+                    v.insert(Incarnation { status, latency });
+                }
+            }
+        }
+    }
+
+    fn status(&self) -> pb::RunStatus {
+        let Some(run) = &self.run else {
+            return pb::RunStatus {
+                state: "idle".into(),
+                ..Default::default()
+            };
+        };
+        let mut totals = pb::Counters::default();
+        let mut all_latency = Latency::new();
+        let mut agents = Vec::new();
+        let mut unassigned = 0;
+        for planned in &run.plan.agents {
+            let entry = self.agents.get(&planned.name);
+            let connected = entry.is_some_and(AgentEntry::connected);
+            if !connected {
+                unassigned += planned.vehicles;
+            }
+            let mut agent_totals = pb::Counters::default();
+            let mut latency = Latency::new();
+            let mut current: BTreeMap<u32, &pb::InstanceStatus> = BTreeMap::new();
+            for ((a, idx, _), inc) in self.incarnations.range((planned.name.clone(), 0, 0)..) {
+                if a != &planned.name {
+                    break;
+                }
+                if let Some(c) = &inc.status.counters {
+                    agent_totals.add(c);
+                }
+                let _ = latency.merge(&inc.latency);
+                // Later incarnations sort last and replace earlier ones.
+                current.insert(*idx, &inc.status);
+            }
+            let running = current
+                .values()
+                .filter(|s| s.phase == pb::Phase::Running as i32)
+                .count() as u32;
+            // The rate-like fields describe what runs now, not the sum of every incarnation.
+            agent_totals.active_vehicles = current
+                .values()
+                .filter_map(|s| s.counters.as_ref())
+                .map(|c| c.active_vehicles)
+                .sum();
+            agent_totals.latency_hdr = latency.to_bytes();
+            totals.add(&agent_totals);
+            let _ = all_latency.merge(&latency);
+            agents.push(pb::AgentStatus {
+                agent: planned.name.clone(),
+                connected,
+                vehicles: planned.vehicles,
+                instances_running: running,
+                instances_planned: planned.instances.len() as u32,
+                totals: Some(agent_totals),
+                usage: entry.map(|e| e.usage),
+                instances: current
+                    .into_values()
+                    .cloned()
+                    .map(strip_histogram)
+                    .collect(),
+            });
+        }
+        totals.latency_hdr = all_latency.to_bytes();
+        let end = run.ended.unwrap_or_else(Instant::now);
+        pb::RunStatus {
+            run_id: run.id.clone(),
+            state: run.state.as_str().into(),
+            vehicles: run.plan.vehicles,
+            elapsed_s: end.duration_since(run.started).as_secs_f64(),
+            spec: Some(run.spec.clone()),
+            agents,
+            totals: Some(totals),
+            unassigned_vehicles: unassigned,
+        }
+    }
+}
+
+/// Instance lists travel without their histograms: the agent totals carry the merged one.
+fn strip_histogram(mut s: pb::InstanceStatus) -> pb::InstanceStatus {
+    if let Some(c) = &mut s.counters {
+        c.latency_hdr.clear();
+    }
+    s
+}
+
+pub struct AgentApi(pub Arc<Coordinator>);
+pub struct ControlApi(pub Arc<Coordinator>);
+
+type OutStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl pb::agent_service_server::AgentService for AgentApi {
+    async fn join(
+        &self,
+        req: Request<pb::JoinRequest>,
+    ) -> Result<Response<pb::JoinResponse>, Status> {
+        let address = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        let req = req.into_inner();
+        if req.protocol_major != PROTOCOL_MAJOR {
+            return Err(Status::failed_precondition(format!(
+                "the agent speaks protocol {}, this coordinator speaks {PROTOCOL_MAJOR}; run matching versions",
+                req.protocol_major
+            )));
+        }
+        let name = req.name.trim().to_string();
+        if name.is_empty() || name.len() > 253 {
+            return Err(Status::invalid_argument(
+                "agent name must be 1 to 253 characters",
+            ));
+        }
+        let Some(hw) = req.hardware else {
+            return Err(Status::invalid_argument(
+                "the join carries no hardware report",
+            ));
+        };
+        if hw.logical_cores == 0 || hw.memory_total_bytes == 0 {
+            return Err(Status::invalid_argument(format!(
+                "hardware report cannot be true: {} cores, {} bytes of memory",
+                hw.logical_cores, hw.memory_total_bytes
+            )));
+        }
+        let c = &self.0;
+        let mut st = c.lock();
+        if let Some(existing) = st.agents.get(&name) {
+            if existing.connected() {
+                return Err(Status::already_exists(format!(
+                    "an agent named {name:?} is already connected (from {}); give each agent its own --name",
+                    existing.address
+                )));
+            }
+        }
+        tracing::info!(agent = name, %address, cores = hw.logical_cores, "agent joined");
+        st.agents.insert(
+            name.clone(),
+            AgentEntry {
+                name: name.clone(),
+                hardware: hw,
+                max_vehicles: req.max_vehicles,
+                address,
+                session: None,
+                last_seen: Instant::now(),
+                usage: pb::HostUsage::default(),
+                epoch_seen: 0,
+            },
+        );
+        Ok(Response::new(pb::JoinResponse {
+            agent_id: name,
+            lease_ms: c.settings.lease.as_millis() as u64,
+            heartbeat_ms: c.settings.heartbeat.as_millis() as u64,
+        }))
+    }
+
+    type SessionStream = OutStream<pb::CoordinatorMessage>;
+
+    async fn session(
+        &self,
+        req: Request<Streaming<pb::AgentMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let mut inbound = req.into_inner();
+        let first = inbound.message().await?;
+        let Some(pb::AgentMessage {
+            msg: Some(agent_message::Msg::Hello(hello)),
+        }) = first
+        else {
+            return Err(Status::invalid_argument("a session must open with a Hello"));
+        };
+        let (tx, rx) = mpsc::channel(SESSION_QUEUE);
+        let coord = self.0.clone();
+        let name = hello.agent_id.clone();
+        let session_id = {
+            let mut st = coord.lock();
+            st.next_session += 1;
+            let id = st.next_session;
+            let Some(agent) = st.agents.get_mut(&name) else {
+                return Err(Status::not_found(format!(
+                    "no agent {name:?} has joined; join first"
+                )));
+            };
+            if agent.connected() {
+                return Err(Status::already_exists(format!(
+                    "agent {name:?} already has a session"
+                )));
+            }
+            agent.session = Some((id, tx));
+            agent.last_seen = Instant::now();
+            agent.epoch_seen = hello.epoch;
+            id
+        };
+        coord.changed.notify_one();
+        tokio::spawn(async move {
+            loop {
+                match inbound.message().await {
+                    Ok(Some(pb::AgentMessage {
+                        msg: Some(agent_message::Msg::Heartbeat(hb)),
+                    })) => {
+                        let mut st = coord.lock();
+                        if let Some(agent) = st.agents.get_mut(&name) {
+                            agent.last_seen = Instant::now();
+                            agent.epoch_seen = hb.epoch;
+                            agent.usage = hb.usage.unwrap_or_default();
+                        }
+                        st.record(&name, hb);
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            let mut st = coord.lock();
+            if let Some(agent) = st.agents.get_mut(&name) {
+                if agent
+                    .session
+                    .as_ref()
+                    .is_some_and(|(id, _)| *id == session_id)
+                {
+                    tracing::warn!(agent = name, "agent disconnected");
+                    agent.session = None;
+                }
+            }
+            drop(st);
+            coord.changed.notify_one();
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::control_service_server::ControlService for ControlApi {
+    async fn plan(&self, req: Request<pb::PlanRequest>) -> Result<Response<pb::PlanReply>, Status> {
+        let params = req.into_inner().params.unwrap_or_default();
+        let st = self.0.lock();
+        let hosts = connected_hosts(&st);
+        let (_, reply) =
+            planning::plan_hosts(&hosts, &params).map_err(Status::failed_precondition)?;
+        Ok(Response::new(reply))
+    }
+
+    async fn start(
+        &self,
+        req: Request<pb::StartRequest>,
+    ) -> Result<Response<pb::StartReply>, Status> {
+        let req = req.into_inner();
+        let params = req.params.unwrap_or_default();
+        let mut spec = req.spec.unwrap_or_default();
+        let mut st = self.0.lock();
+        if let Some(run) = st.run.as_ref().filter(|r| r.state == RunState::Running) {
+            return Err(Status::failed_precondition(format!(
+                "run {} is in progress; stop it first (vtox-coord stop)",
+                run.id
+            )));
+        }
+        let hosts = connected_hosts(&st);
+        if (hosts.len() as u32) < req.expect_agents {
+            return Err(Status::failed_precondition(format!(
+                "{} agents are connected, {} expected",
+                hosts.len(),
+                req.expect_agents
+            )));
+        }
+        let (plan, reply) =
+            planning::plan_hosts(&hosts, &params).map_err(Status::failed_precondition)?;
+        if spec.run_start <= 0.0 {
+            // A moment ahead, so that every host starts its schedule from the same instant.
+            spec.run_start = unix_s() + 1.0;
+        }
+        let id = format!("run-{}", unix_ms());
+        tracing::info!(
+            run = id,
+            vehicles = plan.vehicles,
+            agents = plan.agents.len(),
+            "run started"
+        );
+        st.run = Some(Run {
+            id: id.clone(),
+            spec,
+            plan,
+            started: Instant::now(),
+            state: RunState::Running,
+            ended: None,
+        });
+        st.incarnations.clear();
+        st.bump_epoch();
+        drop(st);
+        self.0.changed.notify_one();
+        Ok(Response::new(pb::StartReply {
+            run_id: id,
+            plan: Some(reply),
+        }))
+    }
+
+    async fn stop(
+        &self,
+        _req: Request<pb::StopRequest>,
+    ) -> Result<Response<pb::StopReply>, Status> {
+        let mut st = self.0.lock();
+        let was_running = match &mut st.run {
+            Some(run) if run.state == RunState::Running => {
+                run.state = RunState::Stopped;
+                run.ended = Some(Instant::now());
+                tracing::info!(run = run.id, "run stopped");
+                true
+            }
+            _ => false,
+        };
+        st.bump_epoch();
+        drop(st);
+        self.0.changed.notify_one();
+        Ok(Response::new(pb::StopReply { was_running }))
+    }
+
+    async fn status(
+        &self,
+        _req: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::RunStatus>, Status> {
+        Ok(Response::new(self.0.lock().status()))
+    }
+
+    type WatchStream = OutStream<pb::RunStatus>;
+
+    async fn watch(
+        &self,
+        req: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let every = Duration::from_millis(req.into_inner().interval_ms.clamp(100, 60_000));
+        let coord = self.0.clone();
+        let (tx, rx) = mpsc::channel(2);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                let status = coord.lock().status();
+                if tx.send(Ok(status)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn list_agents(
+        &self,
+        _req: Request<pb::ListAgentsRequest>,
+    ) -> Result<Response<pb::ListAgentsReply>, Status> {
+        let st = self.0.lock();
+        let agents = st
+            .agents
+            .values()
+            .map(|a| pb::AgentInfo {
+                agent_id: a.name.clone(),
+                name: a.name.clone(),
+                hardware: Some(a.hardware.clone()),
+                max_vehicles: a.max_vehicles,
+                connected: a.connected(),
+                last_seen_s_ago: a.last_seen.elapsed().as_secs_f64(),
+                address: a.address.clone(),
+            })
+            .collect();
+        Ok(Response::new(pb::ListAgentsReply { agents }))
+    }
+}
+
+fn connected_hosts(st: &State) -> Vec<planning::Host> {
+    st.agents
+        .values()
+        .filter(|a| a.connected())
+        .map(|a| planning::Host {
+            name: a.name.clone(),
+            hardware: a.hardware.clone(),
+            max_vehicles: a.max_vehicles,
+        })
+        .collect()
+}

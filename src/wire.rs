@@ -1,0 +1,101 @@
+//! The generated gRPC types of `proto/vtox/v1`, and conversions from the library's own types.
+
+#[allow(clippy::all, missing_docs)]
+pub mod pb {
+    tonic::include_proto!("vtox.v1");
+}
+
+use crate::metrics::SimReport;
+use base64::Engine as _;
+
+/// The wire protocol's major version; a coordinator refuses agents that speak another.
+pub const PROTOCOL_MAJOR: u32 = 1;
+
+impl pb::Counters {
+    /// The counters of one metric line of `vtox-sim`.
+    pub fn from_report(r: &SimReport) -> Self {
+        let latency_hdr = base64::engine::general_purpose::STANDARD
+            .decode(&r.latency)
+            .unwrap_or_default();
+        pb::Counters {
+            sent: r.sent,
+            accepted: r.accepted,
+            failed: r.failed,
+            dropped: r.dropped,
+            bytes: r.bytes,
+            timeouts: r.failures.timeout,
+            connect_errors: r.failures.connect,
+            status: r
+                .failures
+                .status
+                .iter()
+                .map(|(k, v)| (u32::from(*k), *v))
+                .collect(),
+            elapsed_s: r.elapsed_s,
+            max_lag_ms: r.max_lag_ms,
+            latency_hdr,
+            active_vehicles: r.active_vehicles,
+            bad_lines: 0,
+        }
+    }
+
+    /// Adds `other` to these counters (histograms are merged separately: see `Latency`).
+    pub fn add(&mut self, o: &pb::Counters) {
+        self.sent += o.sent;
+        self.accepted += o.accepted;
+        self.failed += o.failed;
+        self.dropped += o.dropped;
+        self.bytes += o.bytes;
+        self.timeouts += o.timeouts;
+        self.connect_errors += o.connect_errors;
+        for (k, v) in &o.status {
+            *self.status.entry(*k).or_default() += v;
+        }
+        self.active_vehicles += o.active_vehicles;
+        self.bad_lines += o.bad_lines;
+        self.max_lag_ms = self.max_lag_ms.max(o.max_lag_ms);
+        self.elapsed_s = self.elapsed_s.max(o.elapsed_s);
+    }
+
+    /// Percent of finished requests that were accepted; 100 when none finished.
+    pub fn success_percent(&self) -> f64 {
+        let done = self.accepted + self.failed;
+        if done == 0 {
+            100.0
+        } else {
+            self.accepted as f64 * 100.0 / done as f64
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::{Failures, Latency};
+
+    #[test]
+    fn counters_from_a_metric_line_add_up() {
+        let mut lat = Latency::new();
+        lat.record_us(1500);
+        let mut failures = Failures::default();
+        failures.status.insert(503, 2);
+        failures.timeout = 1;
+        let r = SimReport {
+            sent: 10,
+            accepted: 7,
+            failed: 3,
+            failures,
+            latency: lat.encode(),
+            ..Default::default()
+        };
+        let c = pb::Counters::from_report(&r);
+        assert_eq!((c.sent, c.accepted, c.failed, c.timeouts), (10, 7, 3, 1));
+        assert_eq!(c.status.get(&503), Some(&2));
+        let mut total = c.clone();
+        total.add(&c);
+        assert_eq!((total.sent, total.status.get(&503).copied()), (20, Some(4)));
+        assert!((total.success_percent() - 70.0).abs() < 1e-9);
+        let back = Latency::from_bytes(&c.latency_hdr).unwrap();
+        assert_eq!(back.count(), 1);
+    }
+}

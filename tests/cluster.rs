@@ -1,0 +1,271 @@
+//! Integration tests of the control plane: a real coordinator, agents, simulators and sink on
+//! loopback.
+
+mod common;
+
+use common::*;
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+use vtox::fleet::vehicle_id;
+
+fn coord_cmd(args: &[&str]) -> std::process::Output {
+    Command::new(bin("vtox-coord"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run vtox-coord")
+}
+
+#[test]
+fn two_agents_drive_exactly_the_planned_vehicles() {
+    let sink_addr = format!("127.0.0.1:{}", free_port());
+    let _sink = Proc::spawn("vtox-sink", &["--listen", &sink_addr]);
+    let coord_addr = format!("127.0.0.1:{}", free_port());
+    let _coord = Proc::spawn("vtox-coord", &["serve", "--listen", &coord_addr]);
+    wait_listening(&sink_addr, Duration::from_secs(10));
+    wait_listening(&coord_addr, Duration::from_secs(10));
+    let logs = TempDir::new("cluster");
+    // Both agents are capped, unevenly, so that the split is uneven and predictable.
+    let _a = Proc::spawn(
+        "vtox-agent",
+        &[
+            "--join",
+            &coord_addr,
+            "--name",
+            "agent-a",
+            "--max-vehicles",
+            "80",
+            "--log-dir",
+            logs.path(),
+        ],
+    );
+    let _b = Proc::spawn(
+        "vtox-agent",
+        &[
+            "--join",
+            &coord_addr,
+            "--name",
+            "agent-b",
+            "--max-vehicles",
+            "200",
+            "--log-dir",
+            logs.path(),
+        ],
+    );
+
+    let coord_url = format!("http://{coord_addr}");
+    let target = format!("http://{sink_addr}");
+    let mut run = Proc::spawn_env(
+        "vtox-coord",
+        &[
+            "run",
+            "234",
+            "--coord",
+            &coord_url,
+            "--target",
+            &target,
+            "--duration",
+            "4s",
+            "--interval",
+            "0.5s",
+            "--expect-agents",
+            "2",
+            "--stagger",
+            "0.2s",
+            "--json",
+        ],
+        &[],
+    );
+    let status = run
+        .wait_timeout(Duration::from_secs(90))
+        .expect("the run ends after its duration");
+    let mut out = String::new();
+    if let Some(mut o) = run.child.stdout.take() {
+        use std::io::Read;
+        let _ = o.read_to_string(&mut out);
+    }
+    assert!(status.success(), "run failed: {status:?}\n{out}");
+    let summary: serde_json::Value =
+        serde_json::from_str(out.trim()).expect("--json prints one object");
+    assert_eq!(summary["state"], "finished");
+    assert_eq!(summary["vehicles"], 234);
+
+    // The plan follows the capacities (80 : 200) and respects them.
+    let agents = summary["agents"].as_array().expect("agents");
+    let by_name: BTreeMap<&str, u64> = agents
+        .iter()
+        .map(|a| {
+            (
+                a["name"].as_str().unwrap_or(""),
+                a["vehicles"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    assert!((50..=80).contains(&by_name["agent-a"]), "{by_name:?}");
+    assert!(by_name["agent-b"] <= 200, "{by_name:?}");
+    assert_eq!(by_name.values().sum::<u64>(), 234);
+
+    // The sink saw exactly vehicles 0..233, each from one (agent, instance) only.
+    let stats = get_json(&sink_addr, "/stats").expect("sink stats");
+    assert_eq!(stats["conflicts"], 0);
+    assert_eq!(stats["duplicates"], 0);
+    assert_eq!(stats["rejected"], 0);
+    let vehicles = get_json(&sink_addr, "/stats/vehicles").expect("per-vehicle stats");
+    let list = vehicles.as_array().expect("a list of vehicles");
+    let seen: BTreeSet<String> = list
+        .iter()
+        .filter_map(|v| v["vehicle_id"].as_str().map(String::from))
+        .collect();
+    let want: BTreeSet<String> = (0..234).map(vehicle_id).collect();
+    assert_eq!(seen, want);
+    for v in list {
+        assert_eq!(v["conflicts"], 0, "{v}");
+    }
+    // Every message the sink accepted is in the coordinator's totals, and no more.
+    assert_eq!(
+        summary["totals"]["accepted"], stats["accepted"],
+        "coordinator vs sink"
+    );
+    assert!(summary["totals"]["accepted"].as_u64().unwrap_or(0) > 234);
+}
+
+#[test]
+fn plan_gives_the_reference_split() {
+    let out = coord_cmd(&["plan", "234", "--hosts", "8c16g", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let instances = v["agents"][0]["instances"].as_array().expect("instances");
+    let got: Vec<(u64, u64, u64)> = instances
+        .iter()
+        .map(|i| {
+            (
+                i["index"].as_u64().unwrap(),
+                i["first_vehicle"].as_u64().unwrap(),
+                i["vehicles"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (0, 0, 50),
+            (1, 50, 50),
+            (2, 100, 50),
+            (3, 150, 50),
+            (4, 200, 34)
+        ]
+    );
+    assert_eq!(v["vehicles"], 234);
+}
+
+#[test]
+fn plan_beyond_capacity_says_by_how_much() {
+    let out = coord_cmd(&["plan", "90000000", "--hosts", "4c8g,4c8g"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.starts_with("error:") && err.contains("more than"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"));
+    // --overcommit plans it anyway.
+    let out = coord_cmd(&[
+        "plan",
+        "90000000",
+        "--hosts",
+        "4c8g,4c8g",
+        "--overcommit",
+        "--json",
+        "--per-instance",
+        "100000",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn bad_vehicle_counts_are_refused() {
+    for bad in ["0", "-1", "abc", "1e12", "1000000000000"] {
+        let out = coord_cmd(&["plan", bad, "--hosts", "8c16g"]);
+        assert_eq!(out.status.code(), Some(2), "plan {bad}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("error:") && !err.contains("panicked"),
+            "plan {bad}: {err}"
+        );
+    }
+}
+
+#[test]
+fn an_unreachable_coordinator_is_named() {
+    let port = free_port();
+    let out = coord_cmd(&["status", "--coord", &format!("127.0.0.1:{port}")]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "cannot reach the coordinator at http://127.0.0.1:{port}"
+        )),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "one line, no stack: {err}");
+}
+
+#[test]
+fn run_local_cleans_up_every_process() {
+    let mut run = Proc::spawn_env(
+        "vtox-coord",
+        &[
+            "run",
+            "60",
+            "--local",
+            "--duration",
+            "3s",
+            "--interval",
+            "0.5s",
+            "--stagger",
+            "0.1s",
+            "--json",
+        ],
+        &[],
+    );
+    let coord_pid = run.pid();
+    // Collect the processes it starts (agent, sink) and theirs (simulators) while it runs.
+    let mut seen: BTreeSet<u32> = BTreeSet::new();
+    let status = loop {
+        for child in children_of(coord_pid) {
+            seen.insert(child);
+            seen.extend(children_of(child));
+        }
+        if let Ok(Some(st)) = run.child.try_wait() {
+            break st;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(seen.len() < 1000);
+    };
+    let mut out = String::new();
+    if let Some(mut o) = run.child.stdout.take() {
+        use std::io::Read;
+        let _ = o.read_to_string(&mut out);
+    }
+    assert!(status.success(), "run --local failed: {status:?} {out}");
+    assert!(
+        seen.len() >= 3,
+        "agent, sink and at least one simulator ran: {seen:?}"
+    );
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("json summary");
+    assert!(v["totals"]["accepted"].as_u64().unwrap_or(0) > 60);
+    wait_for(
+        "every started process to exit",
+        Duration::from_secs(10),
+        || seen.iter().all(|p| !alive(*p)).then_some(()),
+    );
+}
