@@ -145,8 +145,9 @@ pub struct RunArgs {
     /// Percent of vehicles with a developing fault, e.g. insulation=5,bearing=3.
     #[arg(long, default_value = "")]
     pub faults: String,
-    /// Delay between starting two instances on one agent.
-    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    /// Delay between starting two instances on one agent. Schedules are anchored to the run
+    /// start, so this only spreads process start-up; a late instance simply joins in step.
+    #[arg(long, default_value = "200ms", value_parser = parse_duration)]
     pub stagger: Duration,
     /// Wait until this many agents joined before planning.
     #[arg(long, default_value_t = 1)]

@@ -269,3 +269,83 @@ fn run_local_cleans_up_every_process() {
         || seen.iter().all(|p| !alive(*p)).then_some(()),
     );
 }
+
+#[tokio::test]
+async fn the_health_service_reports_serving() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+    let addr = format!("127.0.0.1:{}", free_port());
+    let _coord = Proc::spawn("vtox-coord", &["serve", "--listen", &addr]);
+    wait_listening(&addr, Duration::from_secs(10));
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    let mut client = HealthClient::new(channel);
+    for service in ["", "vtox.v1.AgentService", "vtox.v1.ControlService"] {
+        let r = client
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("health of {service:?}: {e}"));
+        assert_eq!(
+            r.into_inner().status,
+            ServingStatus::Serving as i32,
+            "{service:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn impossible_hardware_and_unknown_versions_are_refused() {
+    use vtox::wire::pb;
+    let addr = format!("127.0.0.1:{}", free_port());
+    let _coord = Proc::spawn("vtox-coord", &["serve", "--listen", &addr]);
+    wait_listening(&addr, Duration::from_secs(10));
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    let mut client = pb::agent_service_client::AgentServiceClient::new(channel);
+    let good = pb::Hardware {
+        logical_cores: 4,
+        memory_total_bytes: 8 << 30,
+        ..Default::default()
+    };
+    let join = |hw: pb::Hardware, major: u32| pb::JoinRequest {
+        name: "x".into(),
+        hardware: Some(hw),
+        max_vehicles: 0,
+        protocol_major: major,
+    };
+    let e = client
+        .join(join(
+            pb::Hardware {
+                logical_cores: 0,
+                ..good.clone()
+            },
+            1,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("0 cores"), "{}", e.message());
+    let e = client
+        .join(join(
+            pb::Hardware {
+                memory_total_bytes: 0,
+                ..good.clone()
+            },
+            1,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    let e = client.join(join(good.clone(), 2)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    assert!(e.message().contains("protocol 2"), "{}", e.message());
+    assert!(client.join(join(good, 1)).await.is_ok());
+}
