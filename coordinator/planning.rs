@@ -89,6 +89,31 @@ pub fn load_params(p: &pb::PlanParams) -> LoadParams {
     }
 }
 
+/// Every host's estimate, without a plan.
+pub fn capacity_reply(hosts: &[Host], params: &pb::PlanParams) -> pb::PlanReply {
+    let load = load_params(params);
+    let agents: Vec<pb::AgentPlan> = hosts
+        .iter()
+        .map(|h| {
+            let e = capacity::estimate(&host_spec(h), &load);
+            pb::AgentPlan {
+                agent: h.name.clone(),
+                hardware: Some(h.hardware.clone()),
+                max_vehicles: e.max_vehicles,
+                recommended_vehicles: e.recommended_vehicles,
+                limited_by: e.limited_by.to_string(),
+                instances: Vec::new(),
+            }
+        })
+        .collect();
+    pb::PlanReply {
+        total_vehicles: 0,
+        total_max: agents.iter().map(|a| a.max_vehicles).sum(),
+        total_recommended: agents.iter().map(|a| a.recommended_vehicles).sum(),
+        agents,
+    }
+}
+
 /// Estimates every host and spreads the fleet over them.
 pub fn plan_hosts(
     hosts: &[Host],

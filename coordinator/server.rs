@@ -495,6 +495,18 @@ impl pb::control_service_server::ControlService for ControlApi {
         Ok(Response::new(reply))
     }
 
+    async fn capacity(
+        &self,
+        req: Request<pb::PlanRequest>,
+    ) -> Result<Response<pb::PlanReply>, Status> {
+        let params = req.into_inner().params.unwrap_or_default();
+        let st = self.0.lock();
+        Ok(Response::new(planning::capacity_reply(
+            &connected_hosts(&st),
+            &params,
+        )))
+    }
+
     async fn start(
         &self,
         req: Request<pb::StartRequest>,

@@ -25,6 +25,11 @@ pub fn bin(name: &str) -> PathBuf {
     }
 }
 
+/// The binaries log warnings and errors during tests; `RUST_LOG` overrides it.
+fn log_level() -> String {
+    std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into())
+}
+
 /// A child process that is killed and reaped when dropped.
 pub struct Proc {
     pub child: Child,
@@ -44,6 +49,7 @@ impl Proc {
     fn spawn_with(name: &str, args: &[&str], stdout: Stdio) -> Proc {
         let child = Command::new(bin(name))
             .args(args)
+            .env("RUST_LOG", log_level())
             .stdout(stdout)
             .stderr(Stdio::inherit())
             .spawn()
@@ -58,6 +64,7 @@ impl Proc {
     pub fn spawn_env(name: &str, args: &[&str], env: &[(&str, &str)]) -> Proc {
         let child = Command::new(bin(name))
             .args(args)
+            .env("RUST_LOG", log_level())
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
