@@ -43,26 +43,8 @@ struct Args {
     #[arg(long, value_name = "MBPS")]
     network_mbps: Option<u32>,
     /// Log format on stderr.
-    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
-    log_format: LogFormat,
-}
-
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
-
-fn init_logs(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    #[arg(long, value_enum, default_value_t = vtox::process::LogFormat::Text)]
+    log_format: vtox::process::LogFormat,
 }
 
 fn coordinator_url(join: &str) -> Result<String> {
@@ -82,7 +64,7 @@ fn coordinator_url(join: &str) -> Result<String> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    init_logs(args.log_format);
+    vtox::process::init_logs(args.log_format, "info");
     let url = match coordinator_url(&args.join) {
         Ok(u) => u,
         Err(e) => {
@@ -153,7 +135,7 @@ async fn run(args: Args, url: String, sim_bin: PathBuf) -> Result<()> {
 
     let (stop_tx, mut stop_rx) = watch::channel(false);
     tokio::spawn(async move {
-        wait_for_signal().await;
+        vtox::process::shutdown_signal().await;
         let _ = stop_tx.send(true);
     });
 
@@ -358,19 +340,4 @@ async fn snapshot(
     let (tx, rx) = oneshot::channel();
     sup.send(supervisor::Command::Snapshot(tx)).await.ok()?;
     rx.await.ok()
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }

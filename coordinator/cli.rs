@@ -35,7 +35,7 @@ pub async fn serve(a: ServeArgs) -> Result<()> {
     });
     tracing::info!("coordinator listening on {}", a.listen);
     serve_on(listener, coord, async {
-        wait_for_signal().await;
+        vtox::process::shutdown_signal().await;
         tracing::info!("stopping");
     })
     .await
@@ -61,21 +61,6 @@ pub async fn serve_on(
         .await;
     reconcile.abort();
     result.context("the gRPC server failed")
-}
-
-pub async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }
 
 fn normalize(url: &str) -> String {
@@ -447,7 +432,7 @@ async fn drive(a: &RunArgs, coord_url: &str, target: &str) -> Result<ExitCode> {
                 Ok(None) => bail!("the coordinator closed the status stream"),
                 Err(s) => bail!("lost the coordinator: {}", s.message()),
             },
-            _ = wait_for_signal() => {
+            _ = vtox::process::shutdown_signal() => {
                 interrupted = true;
                 break;
             }
@@ -727,7 +712,7 @@ pub async fn status(a: StatusArgs) -> Result<ExitCode> {
                 Ok(None) => return Ok(ExitCode::SUCCESS),
                 Err(e) => bail!("lost the coordinator: {}", e.message()),
             },
-            _ = wait_for_signal() => return Ok(ExitCode::SUCCESS),
+            _ = vtox::process::shutdown_signal() => return Ok(ExitCode::SUCCESS),
         }
     }
 }

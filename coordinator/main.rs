@@ -25,14 +25,8 @@ struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
     /// Log format on stderr.
-    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
-    log_format: LogFormat,
-}
-
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
+    #[arg(long, value_enum, default_value_t = vtox::process::LogFormat::Text, global = true)]
+    log_format: vtox::process::LogFormat,
 }
 
 #[derive(Debug, Subcommand)]
@@ -194,18 +188,6 @@ pub struct AgentsArgs {
     pub json: bool,
 }
 
-fn init_logs(format: LogFormat, default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The server logs its work; the CLI commands print results and keep logs to warnings.
@@ -214,7 +196,7 @@ fn main() -> ExitCode {
     } else {
         "warn"
     };
-    init_logs(cli.log_format, default_level);
+    vtox::process::init_logs(cli.log_format, default_level);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -78,26 +78,8 @@ pub struct Args {
     #[arg(long)]
     pub run_start: Option<f64>,
     /// Log format on stderr.
-    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
-}
-
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
-
-fn init_logs(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    #[arg(long, value_enum, default_value_t = vtox::process::LogFormat::Text)]
+    pub log_format: vtox::process::LogFormat,
 }
 
 /// Everything validated: the engine never sees a value it has to reject.
@@ -228,7 +210,7 @@ fn hostname() -> String {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    init_logs(args.log_format);
+    vtox::process::init_logs(args.log_format, "info");
     let config = match validate(args) {
         Ok(c) => c,
         Err(e) => {
@@ -275,25 +257,9 @@ fn main() -> ExitCode {
 async fn run(config: Config) -> Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(async move {
-        wait_for_signal().await;
+        vtox::process::shutdown_signal().await;
         tracing::info!("stopping: signal received");
         let _ = stop_tx.send(true);
     });
     engine::run(config, stop_rx).await
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(e) => {
-            tracing::warn!("cannot watch SIGTERM ({e}); only SIGINT stops gracefully");
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }

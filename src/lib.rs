@@ -10,6 +10,7 @@ pub mod http1;
 pub mod ingest;
 pub mod metrics;
 pub mod plan;
+pub mod process;
 pub mod rng;
 pub mod schedule;
 pub mod signal;
