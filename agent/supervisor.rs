@@ -317,9 +317,13 @@ impl Supervisor {
                 Stdio::null()
             }
         };
+        args.extend([
+            "--lease".into(),
+            format!("{}ms", self.cfg.lease.as_millis()),
+        ]);
         let mut cmd = tokio::process::Command::new(&self.cfg.sim_bin);
         cmd.args(&args)
-            .stdin(Stdio::null())
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(stderr)
             .kill_on_drop(true);
@@ -333,6 +337,21 @@ impl Supervisor {
                 tracing::info!(instance = idx, pid = ?inst.pid, incarnation, "simulator started");
                 let tx = self.events_tx.clone();
                 let stdout = child.stdout.take();
+                if let Some(mut stdin) = child.stdin.take() {
+                    // The simulator's lease: a byte a second while this agent lives and runs.
+                    // If the agent dies the pipe closes; if it freezes the bytes stop.
+                    tokio::spawn(async move {
+                        use tokio::io::AsyncWriteExt;
+                        let mut tick = tokio::time::interval(Duration::from_secs(1));
+                        loop {
+                            tick.tick().await;
+                            if stdin.write_all(b".").await.is_err() || stdin.flush().await.is_err()
+                            {
+                                break;
+                            }
+                        }
+                    });
+                }
                 tokio::spawn(async move {
                     if let Some(out) = stdout {
                         let mut lines = BufReader::new(out).lines();

@@ -32,6 +32,7 @@ pub async fn serve(a: ServeArgs) -> Result<()> {
     let coord = Coordinator::new(Settings {
         lease: a.lease,
         heartbeat: a.heartbeat,
+        grace: a.grace,
     });
     tracing::info!("coordinator listening on {}", a.listen);
     serve_on(listener, coord, async {

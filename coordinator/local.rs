@@ -50,6 +50,7 @@ pub async fn start(target: Option<String>) -> Result<LocalCluster> {
     let coord = Coordinator::new(Settings {
         lease: Duration::from_secs(5),
         heartbeat: Duration::from_secs(1),
+        grace: Duration::from_secs(3),
     });
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let server = tokio::spawn(crate::cli::serve_on(listener, coord, async {

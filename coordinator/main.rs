@@ -55,6 +55,9 @@ pub struct ServeArgs {
     /// An agent that hears nothing from the coordinator this long stops its simulators.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub lease: Duration,
+    /// A lost agent's vehicles move to other agents after the lease plus this.
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    pub grace: Duration,
     /// How often assignments are resent (renewing leases) and agents report.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     pub heartbeat: Duration,

@@ -23,6 +23,9 @@ const SESSION_QUEUE: usize = 16;
 pub struct Settings {
     pub lease: Duration,
     pub heartbeat: Duration,
+    /// Added to the lease before a silent agent's ranges move: by then the agent has surely
+    /// stopped its simulators, and they theirs, so no vehicle is driven twice.
+    pub grace: Duration,
 }
 
 struct AgentEntry {
@@ -35,6 +38,8 @@ struct AgentEntry {
     usage: pb::HostUsage,
     /// Epoch of the assignment the agent says it runs.
     epoch_seen: u64,
+    /// When the agent's session ended (None while connected).
+    disconnected_at: Option<Instant>,
 }
 
 impl AgentEntry {
@@ -63,6 +68,7 @@ impl RunState {
 struct Run {
     id: String,
     spec: pb::RunSpec,
+    params: pb::PlanParams,
     plan: Plan,
     started: Instant,
     state: RunState,
@@ -138,6 +144,9 @@ impl Coordinator {
             }
             let mut st = self.lock();
             st.update_run_state();
+            if st.move_orphans(self.settings.lease + self.settings.grace) {
+                st.bump_epoch();
+            }
             let epoch = st.epoch;
             let mut lost = Vec::new();
             for (name, agent) in &st.agents {
@@ -159,6 +168,7 @@ impl Coordinator {
             for name in lost {
                 if let Some(a) = st.agents.get_mut(&name) {
                     a.session = None;
+                    a.disconnected_at = Some(Instant::now());
                 }
             }
         }
@@ -166,6 +176,84 @@ impl Coordinator {
 }
 
 impl State {
+    /// Moves the instances of agents silent for longer than `limit` to connected agents with
+    /// room, whole and with the same vehicle numbers; late joiners take part. Instances that
+    /// fit nowhere stay where they are and show as unassigned until an agent with room joins.
+    /// Returns whether anything moved.
+    fn move_orphans(&mut self, limit: Duration) -> bool {
+        let Some(run) = self.run.as_mut().filter(|r| r.state == RunState::Running) else {
+            return false;
+        };
+        let live = |name: &str| self.agents.get(name).is_some_and(AgentEntry::connected);
+        let dead = |name: &str| match self.agents.get(name) {
+            None => true,
+            Some(a) => !a.connected() && a.disconnected_at.is_none_or(|t| t.elapsed() > limit),
+        };
+        if !run
+            .plan
+            .agents
+            .iter()
+            .any(|a| !a.instances.is_empty() && dead(&a.name))
+        {
+            return false;
+        }
+        // Agents that joined after the plan was made can take work too.
+        let load = planning::load_params(&run.params);
+        for (name, entry) in &self.agents {
+            if entry.connected() && !run.plan.agents.iter().any(|a| &a.name == name) {
+                let host = planning::Host {
+                    name: name.clone(),
+                    hardware: entry.hardware.clone(),
+                    max_vehicles: entry.max_vehicles,
+                };
+                let max = vtox::capacity::estimate(&planning::host_spec(&host), &load).max_vehicles;
+                run.plan.agents.push(vtox::plan::AgentAssignment {
+                    name: name.clone(),
+                    max_vehicles: max,
+                    vehicles: 0,
+                    instances: Vec::new(),
+                });
+            }
+        }
+        let mut moved = false;
+        let agents = &mut run.plan.agents;
+        for from in 0..agents.len() {
+            if agents[from].instances.is_empty() || !dead(&agents[from].name) {
+                continue;
+            }
+            let orphans = std::mem::take(&mut agents[from].instances);
+            for inst in orphans {
+                let to = (0..agents.len())
+                    .filter(|&i| i != from && live(&agents[i].name))
+                    .filter(|&i| {
+                        agents[i].max_vehicles.saturating_sub(agents[i].vehicles) >= inst.vehicles
+                    })
+                    .max_by_key(|&i| {
+                        (
+                            agents[i].max_vehicles.saturating_sub(agents[i].vehicles),
+                            std::cmp::Reverse(i),
+                        )
+                    });
+                let dest = to.unwrap_or(from);
+                if dest != from {
+                    tracing::warn!(
+                        instance = inst.index,
+                        from = agents[from].name,
+                        to = agents[dest].name,
+                        "moving vehicles {}..{} of a lost agent",
+                        inst.first_vehicle,
+                        inst.first_vehicle + inst.vehicles
+                    );
+                    agents[from].vehicles -= inst.vehicles;
+                    agents[dest].vehicles += inst.vehicles;
+                    moved = true;
+                }
+                agents[dest].instances.push(inst);
+            }
+        }
+        moved
+    }
+
     fn assignment_for(&self, agent: &str, epoch: u64) -> pb::Assignment {
         match &self.run {
             Some(run) if run.state == RunState::Running => pb::Assignment {
@@ -402,6 +490,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
                 last_seen: Instant::now(),
                 usage: pb::HostUsage::default(),
                 epoch_seen: 0,
+                disconnected_at: Some(Instant::now()),
             },
         );
         Ok(Response::new(pb::JoinResponse {
@@ -443,6 +532,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
                 )));
             }
             agent.session = Some((id, tx));
+            agent.disconnected_at = None;
             agent.last_seen = Instant::now();
             agent.epoch_seen = hello.epoch;
             id
@@ -475,6 +565,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
                 {
                     tracing::warn!(agent = name, "agent disconnected");
                     agent.session = None;
+                    agent.disconnected_at = Some(Instant::now());
                 }
             }
             drop(st);
@@ -545,6 +636,7 @@ impl pb::control_service_server::ControlService for ControlApi {
         st.run = Some(Run {
             id: id.clone(),
             spec,
+            params,
             plan,
             started: Instant::now(),
             state: RunState::Running,

@@ -77,6 +77,11 @@ pub struct Args {
     /// so a restarted or moved slice continues where it was [default: now].
     #[arg(long)]
     pub run_start: Option<f64>,
+    /// Stop sending when stdin closes or stays silent this long. `vtox-agent` keeps it alive
+    /// with a byte a second, so that a simulator whose agent was killed or frozen never keeps
+    /// driving vehicles the coordinator may already have moved elsewhere.
+    #[arg(long, value_parser = parse_duration)]
+    pub lease: Option<Duration>,
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = vtox::process::LogFormat::Text)]
     pub log_format: vtox::process::LogFormat,
@@ -256,10 +261,30 @@ fn main() -> ExitCode {
 
 async fn run(config: Config) -> Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
+    if let Some(lease) = config.args.lease {
+        tokio::spawn(watch_lease(lease, stop_tx.clone()));
+    }
     tokio::spawn(async move {
         vtox::process::shutdown_signal().await;
         tracing::info!("stopping: signal received");
         let _ = stop_tx.send(true);
     });
     engine::run(config, stop_rx).await
+}
+
+/// The simulator's end of the lease: every byte on stdin renews it; end of file (the agent
+/// died) or silence longer than the lease (the agent is frozen) stops the schedule.
+async fn watch_lease(lease: Duration, stop: watch::Sender<bool>) {
+    use tokio::io::AsyncReadExt;
+    let mut stdin = tokio::io::stdin();
+    let mut buf = [0u8; 64];
+    loop {
+        match tokio::time::timeout(lease, stdin.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => continue,
+            Ok(_) => tracing::warn!("stopping: the agent is gone (stdin closed)"),
+            Err(_) => tracing::warn!(?lease, "stopping: no word from the agent within the lease"),
+        }
+        let _ = stop.send(true);
+        return;
+    }
 }

@@ -1,0 +1,137 @@
+//! Failure scenarios with real processes: a lost agent, orphaned simulators.
+
+mod common;
+
+use common::*;
+use std::collections::BTreeMap;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+fn vehicle_counts(sink: &str) -> BTreeMap<String, u64> {
+    get_json(sink, "/stats/vehicles")
+        .and_then(|v| v.as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|v| Some((v["vehicle_id"].as_str()?.to_string(), v["count"].as_u64()?)))
+        .collect()
+}
+
+#[test]
+fn a_killed_agent_stops_its_simulators_and_its_vehicles_move() {
+    let sink = format!("127.0.0.1:{}", free_port());
+    let _sink = Proc::spawn("vtox-sink", &["--listen", &sink]);
+    let coord = format!("127.0.0.1:{}", free_port());
+    let _coord = Proc::spawn(
+        "vtox-coord",
+        &[
+            "serve",
+            "--listen",
+            &coord,
+            "--lease",
+            "2s",
+            "--grace",
+            "1s",
+            "--heartbeat",
+            "500ms",
+        ],
+    );
+    wait_listening(&sink, Duration::from_secs(10));
+    wait_listening(&coord, Duration::from_secs(10));
+    let logs = TempDir::new("faults");
+    let a = Proc::spawn(
+        "vtox-agent",
+        &[
+            "--join",
+            &coord,
+            "--name",
+            "a",
+            "--max-vehicles",
+            "100",
+            "--log-dir",
+            logs.path(),
+        ],
+    );
+    let _b = Proc::spawn(
+        "vtox-agent",
+        &[
+            "--join",
+            &coord,
+            "--name",
+            "b",
+            "--max-vehicles",
+            "300",
+            "--log-dir",
+            logs.path(),
+        ],
+    );
+    let coord_url = format!("http://{coord}");
+    let _run = Proc::spawn_env(
+        "vtox-coord",
+        &[
+            "run",
+            "234",
+            "--coord",
+            &coord_url,
+            "--target",
+            &format!("http://{sink}"),
+            "--duration",
+            "60s",
+            "--interval",
+            "0.5s",
+            "--expect-agents",
+            "2",
+            "--stagger",
+            "0.1s",
+            "--min-success",
+            "0",
+        ],
+        &[],
+    );
+    wait_for("all 234 vehicles sending", Duration::from_secs(30), || {
+        (vehicle_counts(&sink).len() == 234).then_some(())
+    });
+    let sims: Vec<u32> = children_of(a.pid());
+    assert!(!sims.is_empty(), "agent a runs simulators");
+
+    // kill -9 the agent alone: its simulators see their stdin close and stop by themselves.
+    a.signal(9);
+    wait_for(
+        "the orphaned simulators to stop",
+        Duration::from_secs(10),
+        || sims.iter().all(|p| !alive(*p)).then_some(()),
+    );
+
+    // After lease + grace the coordinator moves a's ranges to b: every vehicle sends again.
+    let before = vehicle_counts(&sink);
+    wait_for(
+        "every vehicle sending again",
+        Duration::from_secs(20),
+        || {
+            let now = vehicle_counts(&sink);
+            before
+                .iter()
+                .all(|(id, n)| now.get(id).is_some_and(|m| m > n))
+                .then_some(())
+        },
+    );
+    let stats = get_json(&sink, "/stats").expect("stats");
+    assert_eq!(
+        stats["conflicts"], 0,
+        "no vehicle was driven by two hosts at once"
+    );
+    assert_eq!(stats["duplicates"], 0);
+    assert_eq!(stats["vehicles"], 234);
+
+    let out = Command::new(bin("vtox-coord"))
+        .args(["status", "--coord", &coord_url, "--json"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("status");
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status json");
+    assert_eq!(status["unassigned_vehicles"], 0, "{status}");
+    let b = status["agents"]
+        .as_array()
+        .and_then(|l| l.iter().find(|x| x["name"] == "b").cloned())
+        .expect("b");
+    assert_eq!(b["vehicles"], 234, "b carries the whole fleet now");
+}
