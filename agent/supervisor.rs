@@ -135,6 +135,9 @@ pub async fn run(cfg: Config, mut commands: mpsc::Receiver<Command>) {
 
 impl Supervisor {
     fn apply(&mut self, a: pb::Assignment) {
+        // A message that arrives after a silence longer than the lease may have waited in a
+        // queue while this agent was frozen: the lease has run out all the same.
+        self.check_lease(Instant::now());
         if a.epoch < self.epoch {
             tracing::warn!(
                 epoch = a.epoch,
@@ -144,6 +147,11 @@ impl Supervisor {
             return;
         }
         self.last_heard = Instant::now();
+        if self.lapsed && a.epoch <= self.epoch {
+            // Queued before the lease ran out: the coordinator may have moved these vehicles
+            // since. Only a newer epoch, issued after it saw this agent again, is trusted.
+            return;
+        }
         if a.epoch == self.epoch && a.run_id == self.run_id && !self.lapsed {
             return;
         }
@@ -225,14 +233,21 @@ impl Supervisor {
         }
     }
 
+    /// Stops everything when the coordinator has been silent longer than the lease: it may
+    /// already have moved these vehicles elsewhere, and none may be driven twice.
+    fn check_lease(&mut self, now: Instant) -> bool {
+        if self.instances.is_empty() || now.duration_since(self.last_heard) <= self.cfg.lease {
+            return false;
+        }
+        tracing::warn!(lease = ?self.cfg.lease, "lease expired without word from the coordinator; stopping all instances");
+        self.stop_all("lease expired");
+        self.lapsed = true;
+        true
+    }
+
     fn tick(&mut self) {
         let now = Instant::now();
-        if !self.instances.is_empty() && now.duration_since(self.last_heard) > self.cfg.lease {
-            // The coordinator may already have moved these vehicles elsewhere: never drive them
-            // twice. The next assignment restarts whatever is still ours.
-            tracing::warn!(lease = ?self.cfg.lease, "lease expired without word from the coordinator; stopping all instances");
-            self.stop_all("lease expired");
-            self.lapsed = true;
+        if self.check_lease(now) {
             return;
         }
         let due: Vec<u32> = self
@@ -317,9 +332,11 @@ impl Supervisor {
                 Stdio::null()
             }
         };
+        // Half the agent's lease: an orphaned simulator stops well before the coordinator may
+        // hand its vehicles to another host (after the agent's lease plus a grace period).
         args.extend([
             "--lease".into(),
-            format!("{}ms", self.cfg.lease.as_millis()),
+            format!("{}ms", (self.cfg.lease / 2).as_millis()),
         ]);
         let mut cmd = tokio::process::Command::new(&self.cfg.sim_bin);
         cmd.args(&args)
@@ -338,11 +355,12 @@ impl Supervisor {
                 let tx = self.events_tx.clone();
                 let stdout = child.stdout.take();
                 if let Some(mut stdin) = child.stdin.take() {
-                    // The simulator's lease: a byte a second while this agent lives and runs.
+                    // The simulator's lease: a byte every quarter lease while this agent lives.
                     // If the agent dies the pipe closes; if it freezes the bytes stop.
+                    let every = (self.cfg.lease / 8).max(Duration::from_millis(100));
                     tokio::spawn(async move {
                         use tokio::io::AsyncWriteExt;
-                        let mut tick = tokio::time::interval(Duration::from_secs(1));
+                        let mut tick = tokio::time::interval(every);
                         loop {
                             tick.tick().await;
                             if stdin.write_all(b".").await.is_err() || stdin.flush().await.is_err()

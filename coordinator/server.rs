@@ -38,8 +38,6 @@ struct AgentEntry {
     usage: pb::HostUsage,
     /// Epoch of the assignment the agent says it runs.
     epoch_seen: u64,
-    /// When the agent's session ended (None while connected).
-    disconnected_at: Option<Instant>,
 }
 
 impl AgentEntry {
@@ -168,7 +166,6 @@ impl Coordinator {
             for name in lost {
                 if let Some(a) = st.agents.get_mut(&name) {
                     a.session = None;
-                    a.disconnected_at = Some(Instant::now());
                 }
             }
         }
@@ -184,10 +181,16 @@ impl State {
         let Some(run) = self.run.as_mut().filter(|r| r.state == RunState::Running) else {
             return false;
         };
-        let live = |name: &str| self.agents.get(name).is_some_and(AgentEntry::connected);
-        let dead = |name: &str| match self.agents.get(name) {
-            None => true,
-            Some(a) => !a.connected() && a.disconnected_at.is_none_or(|t| t.elapsed() > limit),
+        // Silence, not a closed stream, is what counts: a frozen agent keeps its TCP connection.
+        let live = |name: &str| {
+            self.agents
+                .get(name)
+                .is_some_and(|a| a.connected() && a.last_seen.elapsed() < limit)
+        };
+        let dead = |name: &str| {
+            self.agents
+                .get(name)
+                .is_none_or(|a| a.last_seen.elapsed() > limit)
         };
         if !run
             .plan
@@ -490,7 +493,6 @@ impl pb::agent_service_server::AgentService for AgentApi {
                 last_seen: Instant::now(),
                 usage: pb::HostUsage::default(),
                 epoch_seen: 0,
-                disconnected_at: Some(Instant::now()),
             },
         );
         Ok(Response::new(pb::JoinResponse {
@@ -532,9 +534,10 @@ impl pb::agent_service_server::AgentService for AgentApi {
                 )));
             }
             agent.session = Some((id, tx));
-            agent.disconnected_at = None;
             agent.last_seen = Instant::now();
             agent.epoch_seen = hello.epoch;
+            // An agent that lost its lease only resumes on a newer epoch than it had.
+            st.bump_epoch();
             id
         };
         coord.changed.notify_one();
@@ -545,12 +548,25 @@ impl pb::agent_service_server::AgentService for AgentApi {
                         msg: Some(agent_message::Msg::Heartbeat(hb)),
                     })) => {
                         let mut st = coord.lock();
+                        let mut resumed = false;
                         if let Some(agent) = st.agents.get_mut(&name) {
+                            // Back from a silence longer than its lease (e.g. it was frozen):
+                            // it has stopped everything and waits for a newer epoch.
+                            resumed = agent.last_seen.elapsed() > coord.settings.lease;
                             agent.last_seen = Instant::now();
                             agent.epoch_seen = hb.epoch;
                             agent.usage = hb.usage.unwrap_or_default();
                         }
                         st.record(&name, hb);
+                        if resumed {
+                            tracing::warn!(
+                                agent = name,
+                                "agent is back after a silence longer than its lease"
+                            );
+                            st.bump_epoch();
+                            drop(st);
+                            coord.changed.notify_one();
+                        }
                     }
                     Ok(Some(_)) => {}
                     Ok(None) | Err(_) => break,
@@ -565,7 +581,6 @@ impl pb::agent_service_server::AgentService for AgentApi {
                 {
                     tracing::warn!(agent = name, "agent disconnected");
                     agent.session = None;
-                    agent.disconnected_at = Some(Instant::now());
                 }
             }
             drop(st);

@@ -79,7 +79,7 @@ pub struct Args {
     pub run_start: Option<f64>,
     /// Stop sending when stdin closes or stays silent this long. `vtox-agent` keeps it alive
     /// with a byte a second, so that a simulator whose agent was killed or frozen never keeps
-    /// driving vehicles the coordinator may already have moved elsewhere.
+    /// driving vehicles the coordinator may already have moved elsewhere. Exits with code 3.
     #[arg(long, value_parser = parse_duration)]
     pub lease: Option<Duration>,
     /// Log format on stderr.
@@ -247,6 +247,9 @@ fn main() -> ExitCode {
     // The engine runs as a task, not inside block_on: block_on polls on the main thread, and
     // on a one-core budget every hand-off between it and a worker thread is a context switch.
     match runtime.block_on(async { tokio::spawn(run(config)).await }) {
+        Ok(Ok(())) if LEASE_LOST.load(std::sync::atomic::Ordering::Relaxed) => {
+            ExitCode::from(EXIT_LEASE_LOST)
+        }
         Ok(Ok(())) => ExitCode::SUCCESS,
         Ok(Err(e)) => {
             eprintln!("error: {e:#}");
@@ -272,6 +275,12 @@ async fn run(config: Config) -> Result<()> {
     engine::run(config, stop_rx).await
 }
 
+/// Set when the lease ran out, so that the exit code tells the agent this was no normal end.
+static LEASE_LOST: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Exit code of a simulator that stopped because its agent went silent.
+const EXIT_LEASE_LOST: u8 = 3;
+
 /// The simulator's end of the lease: every byte on stdin renews it; end of file (the agent
 /// died) or silence longer than the lease (the agent is frozen) stops the schedule.
 async fn watch_lease(lease: Duration, stop: watch::Sender<bool>) {
@@ -284,6 +293,7 @@ async fn watch_lease(lease: Duration, stop: watch::Sender<bool>) {
             Ok(_) => tracing::warn!("stopping: the agent is gone (stdin closed)"),
             Err(_) => tracing::warn!(?lease, "stopping: no word from the agent within the lease"),
         }
+        LEASE_LOST.store(true, std::sync::atomic::Ordering::Relaxed);
         let _ = stop.send(true);
         return;
     }
