@@ -33,7 +33,9 @@ pub async fn serve(a: ServeArgs) -> Result<()> {
         lease: a.lease,
         heartbeat: a.heartbeat,
         grace: a.grace,
-    });
+        state_dir: a.state_dir.clone(),
+    })
+    .map_err(|e| anyhow!(e))?;
     tracing::info!("coordinator listening on {}", a.listen);
     serve_on(listener, coord, async {
         vtox::process::shutdown_signal().await;
@@ -411,32 +413,57 @@ async fn drive(a: &RunArgs, coord_url: &str, target: &str) -> Result<ExitCode> {
         started.run_id
     );
 
-    let mut watch = client
-        .watch(pb::WatchRequest { interval_ms: 1000 })
-        .await
-        .map_err(status_error)?
-        .into_inner();
     let mut view = LiveView::new();
     let mut last = None;
     let mut interrupted = false;
-    loop {
-        tokio::select! {
-            msg = watch.message() => match msg {
-                Ok(Some(status)) => {
-                    view.show(&status);
-                    let done = status.state != "running" && status.run_id == started.run_id;
-                    last = Some(status);
-                    if done {
-                        break;
+    // A coordinator that restarts (with --state-dir) resumes the run: keep watching through it.
+    let mut lost_since: Option<Instant> = None;
+    let shutdown = vtox::process::shutdown_signal();
+    tokio::pin!(shutdown);
+    'watching: loop {
+        let stream = match client.watch(pb::WatchRequest { interval_ms: 1000 }).await {
+            Ok(s) => Some(s.into_inner()),
+            Err(s) => {
+                tracing::warn!("cannot watch the run: {}", s.message());
+                None
+            }
+        };
+        if let Some(mut watch) = stream {
+            loop {
+                tokio::select! {
+                    msg = watch.message() => match msg {
+                        Ok(Some(status)) => {
+                            lost_since = None;
+                            if status.run_id != started.run_id {
+                                bail!("the coordinator no longer has run {} (it was restarted without --state-dir?)", started.run_id);
+                            }
+                            view.show(&status);
+                            let done = status.state != "running";
+                            last = Some(status);
+                            if done {
+                                break 'watching;
+                            }
+                        }
+                        Ok(None) | Err(_) => break,
+                    },
+                    _ = &mut shutdown => {
+                        interrupted = true;
+                        break 'watching;
                     }
                 }
-                Ok(None) => bail!("the coordinator closed the status stream"),
-                Err(s) => bail!("lost the coordinator: {}", s.message()),
-            },
-            _ = vtox::process::shutdown_signal() => {
-                interrupted = true;
-                break;
             }
+        }
+        let since = *lost_since.get_or_insert_with(Instant::now);
+        if since.elapsed() > Duration::from_secs(60) {
+            bail!("lost the coordinator at {coord_url} for a minute");
+        }
+        eprintln!("lost the coordinator; reconnecting");
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = &mut shutdown => { interrupted = true; break 'watching; }
+        }
+        if let Ok(c) = connect(coord_url).await {
+            client = c;
         }
     }
     if interrupted {

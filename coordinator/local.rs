@@ -51,7 +51,9 @@ pub async fn start(target: Option<String>) -> Result<LocalCluster> {
         lease: Duration::from_secs(5),
         heartbeat: Duration::from_secs(1),
         grace: Duration::from_secs(3),
-    });
+        state_dir: None,
+    })
+    .map_err(|e| anyhow::anyhow!(e))?;
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let server = tokio::spawn(crate::cli::serve_on(listener, coord, async {
         let _ = stop_rx.await;

@@ -55,6 +55,9 @@ pub struct ServeArgs {
     /// An agent that hears nothing from the coordinator this long stops its simulators.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub lease: Duration,
+    /// Keep the run here (written atomically) so that a restarted coordinator resumes it.
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<std::path::PathBuf>,
     /// A lost agent's vehicles move to other agents after the lease plus this.
     #[arg(long, default_value = "3s", value_parser = parse_duration)]
     pub grace: Duration,

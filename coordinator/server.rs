@@ -17,6 +17,8 @@ use vtox::plan::Plan;
 use vtox::wire::pb::{self, agent_message, coordinator_message};
 use vtox::wire::PROTOCOL_MAJOR;
 
+const STATE_FILE: &str = "state.pb";
+
 /// Outbound messages queued per agent before the coordinator stops waiting for a slow one.
 const SESSION_QUEUE: usize = 16;
 
@@ -26,6 +28,8 @@ pub struct Settings {
     /// Added to the lease before a silent agent's ranges move: by then the agent has surely
     /// stopped its simulators, and they theirs, so no vehicle is driven twice.
     pub grace: Duration,
+    /// Where the run is kept across restarts (None: in memory only).
+    pub state_dir: Option<std::path::PathBuf>,
 }
 
 struct AgentEntry {
@@ -54,6 +58,14 @@ enum RunState {
 }
 
 impl RunState {
+    fn parse(s: &str) -> RunState {
+        match s {
+            "running" => RunState::Running,
+            "finished" => RunState::Finished,
+            _ => RunState::Stopped,
+        }
+    }
+
     fn as_str(self) -> &'static str {
         match self {
             RunState::Running => "running",
@@ -68,9 +80,10 @@ struct Run {
     spec: pb::RunSpec,
     params: pb::PlanParams,
     plan: Plan,
-    started: Instant,
+    /// Unix seconds: wall clock, so that it survives a restart.
+    started: f64,
     state: RunState,
-    ended: Option<Instant>,
+    ended: Option<f64>,
 }
 
 /// What is known of one incarnation of one instance: its cumulative counters.
@@ -87,6 +100,8 @@ struct State {
     /// (agent, instance, incarnation) of the current run.
     incarnations: BTreeMap<(String, u32, u64), Incarnation>,
     next_session: u64,
+    /// The desired state changed since it was last written to the state dir.
+    dirty: bool,
 }
 
 pub struct Coordinator {
@@ -110,18 +125,74 @@ fn unix_s() -> f64 {
 }
 
 impl Coordinator {
-    pub fn new(settings: Settings) -> Arc<Self> {
+    /// A coordinator, resuming the run kept in `settings.state_dir` if there is one.
+    pub fn new(settings: Settings) -> Result<Arc<Self>, String> {
         // Epochs start at the wall clock in milliseconds, so a restarted coordinator's commands
         // are never older than the ones its agents already applied.
-        let state = State {
+        let mut state = State {
             epoch: unix_ms(),
             ..Default::default()
         };
-        Arc::new(Coordinator {
+        if let Some(dir) = &settings.state_dir {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| format!("cannot create --state-dir {}: {e}", dir.display()))?;
+            let path = dir.join(STATE_FILE);
+            match std::fs::read(&path) {
+                Ok(bytes) => {
+                    let stored = <pb::StoredState as prost::Message>::decode(bytes.as_slice())
+                        .map_err(|e| {
+                            format!(
+                                "{} is damaged ({e}); move it away to start afresh",
+                                path.display()
+                            )
+                        })?;
+                    state = State::restore(stored);
+                    if let Some(run) = &state.run {
+                        tracing::info!(
+                            run = run.id,
+                            state = run.state.as_str(),
+                            "resumed from {}",
+                            path.display()
+                        );
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+            }
+        }
+        Ok(Arc::new(Coordinator {
             state: Mutex::new(state),
             changed: Notify::new(),
             settings,
-        })
+        }))
+    }
+
+    /// Writes the desired state if it changed: to a temporary file, synced, then renamed over
+    /// the old one, so that a crash at any moment leaves either the old or the new state.
+    fn persist(&self, st: &mut State) {
+        let Some(dir) = &self.settings.state_dir else {
+            return;
+        };
+        if !st.dirty {
+            return;
+        }
+        let bytes = prost::Message::encode_to_vec(&st.stored());
+        let tmp = dir.join(format!("{STATE_FILE}.tmp"));
+        let result = (|| -> std::io::Result<()> {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&bytes)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, dir.join(STATE_FILE))?;
+            if let Ok(d) = std::fs::File::open(dir) {
+                let _ = d.sync_all();
+            }
+            Ok(())
+        })();
+        match result {
+            Ok(()) => st.dirty = false,
+            Err(e) => tracing::error!("cannot write the state to {}: {e}", dir.display()),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -145,6 +216,7 @@ impl Coordinator {
             if st.move_orphans(self.settings.lease + self.settings.grace) {
                 st.bump_epoch();
             }
+            self.persist(&mut st);
             let epoch = st.epoch;
             let mut lost = Vec::new();
             for (name, agent) in &st.agents {
@@ -287,6 +359,78 @@ impl State {
 
     fn bump_epoch(&mut self) {
         self.epoch = (self.epoch + 1).max(unix_ms());
+        self.dirty = true;
+    }
+
+    fn stored(&self) -> pb::StoredState {
+        pb::StoredState {
+            epoch: self.epoch,
+            run: self.run.as_ref().map(|r| pb::StoredRun {
+                id: r.id.clone(),
+                state: r.state.as_str().into(),
+                spec: Some(r.spec.clone()),
+                params: Some(r.params),
+                agents: r
+                    .plan
+                    .agents
+                    .iter()
+                    .map(|a| pb::StoredAgent {
+                        name: a.name.clone(),
+                        max_vehicles: a.max_vehicles,
+                        instances: a
+                            .instances
+                            .iter()
+                            .map(|i| pb::InstanceSpec {
+                                index: i.index,
+                                first_vehicle: i.first_vehicle,
+                                vehicles: i.vehicles,
+                            })
+                            .collect(),
+                    })
+                    .collect(),
+                started_unix: r.started,
+                ended_unix: r.ended.unwrap_or(0.0),
+                vehicles: r.plan.vehicles,
+            }),
+        }
+    }
+
+    fn restore(stored: pb::StoredState) -> State {
+        let run = stored.run.map(|r| Run {
+            id: r.id,
+            state: RunState::parse(&r.state),
+            spec: r.spec.unwrap_or_default(),
+            params: r.params.unwrap_or_default(),
+            plan: Plan {
+                vehicles: r.vehicles,
+                agents: r
+                    .agents
+                    .into_iter()
+                    .map(|a| vtox::plan::AgentAssignment {
+                        vehicles: a.instances.iter().map(|i| i.vehicles).sum(),
+                        name: a.name,
+                        max_vehicles: a.max_vehicles,
+                        instances: a
+                            .instances
+                            .into_iter()
+                            .map(|i| vtox::plan::InstanceRange {
+                                index: i.index,
+                                first_vehicle: i.first_vehicle,
+                                vehicles: i.vehicles,
+                            })
+                            .collect(),
+                    })
+                    .collect(),
+            },
+            started: r.started_unix,
+            ended: (r.ended_unix > 0.0).then_some(r.ended_unix),
+        });
+        // Newer than anything issued before the restart, whatever the clock did meanwhile.
+        State {
+            epoch: (stored.epoch + 1).max(unix_ms()),
+            run,
+            ..Default::default()
+        }
     }
 
     /// A run with a duration is finished once every planned instance reported that it exited,
@@ -309,7 +453,7 @@ impl State {
         if (all_exited && elapsed >= run.spec.duration_s) || elapsed > run.spec.duration_s + 30.0 {
             if let Some(run) = &mut self.run {
                 run.state = RunState::Finished;
-                run.ended = Some(Instant::now());
+                run.ended = Some(unix_s());
             }
             self.bump_epoch();
         }
@@ -413,12 +557,12 @@ impl State {
             });
         }
         totals.latency_hdr = all_latency.to_bytes();
-        let end = run.ended.unwrap_or_else(Instant::now);
+        let end = run.ended.unwrap_or_else(unix_s);
         pb::RunStatus {
             run_id: run.id.clone(),
             state: run.state.as_str().into(),
             vehicles: run.plan.vehicles,
-            elapsed_s: end.duration_since(run.started).as_secs_f64(),
+            elapsed_s: (end - run.started).max(0.0),
             spec: Some(run.spec.clone()),
             agents,
             totals: Some(totals),
@@ -653,7 +797,7 @@ impl pb::control_service_server::ControlService for ControlApi {
             spec,
             params,
             plan,
-            started: Instant::now(),
+            started: unix_s(),
             state: RunState::Running,
             ended: None,
         });
@@ -675,7 +819,7 @@ impl pb::control_service_server::ControlService for ControlApi {
         let was_running = match &mut st.run {
             Some(run) if run.state == RunState::Running => {
                 run.state = RunState::Stopped;
-                run.ended = Some(Instant::now());
+                run.ended = Some(unix_s());
                 tracing::info!(run = run.id, "run stopped");
                 true
             }

@@ -290,3 +290,95 @@ fn a_frozen_agent_comes_back_without_driving_moved_vehicles() {
     c.all_sending_again(Duration::from_secs(15));
     c.assert_no_conflicts();
 }
+
+#[test]
+fn a_restarted_coordinator_resumes_the_run_and_counts_on() {
+    let sink = format!("127.0.0.1:{}", free_port());
+    let _sink = Proc::spawn("vtox-sink", &["--listen", &sink]);
+    let coord = format!("127.0.0.1:{}", free_port());
+    let state = TempDir::new("state");
+    let serve = |addr: &str| {
+        Proc::spawn(
+            "vtox-coord",
+            &[
+                "serve",
+                "--listen",
+                addr,
+                "--lease",
+                "3s",
+                "--grace",
+                "2s",
+                "--heartbeat",
+                "500ms",
+                "--state-dir",
+                state.path(),
+            ],
+        )
+    };
+    let first = serve(&coord);
+    wait_listening(&sink, Duration::from_secs(10));
+    wait_listening(&coord, Duration::from_secs(10));
+    let logs = TempDir::new("restart");
+    let _a = Proc::spawn(
+        "vtox-agent",
+        &["--join", &coord, "--name", "a", "--log-dir", logs.path()],
+    );
+    let coord_url = format!("http://{coord}");
+    let mut run = Proc::spawn_env(
+        "vtox-coord",
+        &[
+            "run",
+            "120",
+            "--coord",
+            &coord_url,
+            "--target",
+            &format!("http://{sink}"),
+            "--duration",
+            "14s",
+            "--interval",
+            "0.5s",
+            "--stagger",
+            "0.1s",
+            "--json",
+        ],
+        &[],
+    );
+    wait_for("all 120 vehicles sending", Duration::from_secs(30), || {
+        (vehicle_counts(&sink).len() == 120).then_some(())
+    });
+    // kill -9 the coordinator and start it again on the same port with the same state.
+    first.signal(9);
+    drop(first);
+    let _second = serve(&coord);
+    wait_listening(&coord, Duration::from_secs(10));
+    let before = vehicle_counts(&sink);
+    wait_for(
+        "every vehicle sending again",
+        Duration::from_secs(15),
+        || {
+            let now = vehicle_counts(&sink);
+            before
+                .iter()
+                .all(|(id, n)| now.get(id).is_some_and(|m| m > n))
+                .then_some(())
+        },
+    );
+    let status = run
+        .wait_timeout(Duration::from_secs(60))
+        .expect("the run ends after its duration");
+    let mut out = String::new();
+    if let Some(mut o) = run.child.stdout.take() {
+        use std::io::Read;
+        let _ = o.read_to_string(&mut out);
+    }
+    assert!(status.success(), "{status:?} {out}");
+    let summary: serde_json::Value = serde_json::from_str(out.trim()).expect("json summary");
+    let stats = get_json(&sink, "/stats").expect("stats");
+    assert_eq!(stats["conflicts"], 0);
+    assert_eq!(stats["duplicates"], 0);
+    // Nothing counted twice, nothing lost: the coordinator's total is the sink's.
+    assert_eq!(
+        summary["totals"]["accepted"], stats["accepted"],
+        "{summary}"
+    );
+}
