@@ -336,6 +336,13 @@ pub async fn run(a: RunArgs) -> Result<ExitCode> {
     if !(0.0..=100.0).contains(&a.min_success) {
         bail!("--min-success must be a percentage from 0 to 100");
     }
+    // Checked here, before any process starts or any plan is made.
+    if let Some(t) = &a.target {
+        vtox::ingest::Target::parse(t).context("--target")?;
+    }
+    a.faults
+        .parse::<vtox::faults::FaultMix>()
+        .context("--faults")?;
     let mut cluster = None;
     let (coord_url, target) = if a.local {
         let c = crate::local::start(a.target.clone()).await?;

@@ -118,7 +118,7 @@ fn validate(args: Args) -> Result<Config> {
             args.vehicles
         );
     }
-    let target = parse_target(&args.target)?;
+    let target = vtox::ingest::Target::parse(&args.target).context("--target")?;
     let faults: FaultMix = args.faults.parse().context("--faults")?;
     let template = IdTemplate::parse(&args.id_template).context("--id-template")?;
     let schedule = Schedule::new(args.interval.as_secs_f64(), args.jitter, args.seed)
@@ -160,48 +160,6 @@ fn validate(args: Args) -> Result<Config> {
         schedule,
         run_start,
         args,
-    })
-}
-
-struct Target {
-    base: String,
-    host: String,
-    port: u16,
-    authority: String,
-    path_prefix: String,
-}
-
-/// Checks the target URL and splits it into what the connection pool and requests need.
-fn parse_target(text: &str) -> Result<Target> {
-    let uri: http::Uri = text
-        .parse()
-        .with_context(|| format!("--target {text:?} is not a URL"))?;
-    match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => bail!("--target {text:?}: https is not supported yet; use http://"),
-        _ => bail!("--target {text:?} must start with http://"),
-    }
-    let Some(authority) = uri.authority() else {
-        bail!("--target {text:?} has no host")
-    };
-    let host = authority.host();
-    if host.is_empty() {
-        bail!("--target {text:?} has no host");
-    }
-    if uri.query().is_some() {
-        bail!("--target {text:?} must not have a query");
-    }
-    // IPv6 literals come bracketed in URLs; the socket API wants them bare.
-    let bare = host
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_string();
-    Ok(Target {
-        base: text.trim_end_matches('/').to_string(),
-        host: bare,
-        port: authority.port_u16().unwrap_or(80),
-        authority: authority.as_str().to_string(),
-        path_prefix: uri.path().trim_end_matches('/').to_string(),
     })
 }
 

@@ -20,6 +20,67 @@ const COMPONENT: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'_')
     .remove(b'~');
 
+/// A backend's base URL, split into what connections and requests need.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// As given, without a trailing slash (for messages).
+    pub base: String,
+    /// Host for the socket (IPv6 literals without brackets).
+    pub host: String,
+    pub port: u16,
+    /// `host:port` as written, for the Host header.
+    pub authority: String,
+    /// Path before the ingest route, e.g. `/vtox` behind a reverse proxy; empty for none.
+    pub path_prefix: String,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum TargetError {
+    #[error("{0:?} is not a URL")]
+    NotAUrl(String),
+    #[error("{0:?}: https is not supported yet; use http://")]
+    Https(String),
+    #[error("{0:?} must start with http://")]
+    Scheme(String),
+    #[error("{0:?} has no host")]
+    NoHost(String),
+    #[error("{0:?} must not have a query")]
+    Query(String),
+}
+
+impl Target {
+    pub fn parse(text: &str) -> Result<Target, TargetError> {
+        let uri: http::Uri = text
+            .parse()
+            .map_err(|_| TargetError::NotAUrl(text.to_string()))?;
+        match uri.scheme_str() {
+            Some("http") => {}
+            Some("https") => return Err(TargetError::Https(text.to_string())),
+            _ => return Err(TargetError::Scheme(text.to_string())),
+        }
+        let authority = uri
+            .authority()
+            .ok_or_else(|| TargetError::NoHost(text.to_string()))?;
+        if authority.host().is_empty() {
+            return Err(TargetError::NoHost(text.to_string()));
+        }
+        if uri.query().is_some() {
+            return Err(TargetError::Query(text.to_string()));
+        }
+        Ok(Target {
+            base: text.trim_end_matches('/').to_string(),
+            host: authority
+                .host()
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string(),
+            port: authority.port_u16().unwrap_or(80),
+            authority: authority.as_str().to_string(),
+            path_prefix: uri.path().trim_end_matches('/').to_string(),
+        })
+    }
+}
+
 /// Path and query of a vehicle's ingest request on the simulator route.
 pub fn simulator_path(vehicle_id: &str, city: &str) -> String {
     format!(
@@ -271,6 +332,37 @@ pub fn unix_secs(t: SystemTime) -> f64 {
 mod tests {
     use super::*;
     use crate::telemetry::Sample;
+
+    #[test]
+    fn targets() {
+        let t = Target::parse("http://[::1]:8000/vtox/").unwrap();
+        assert_eq!(
+            (
+                t.host.as_str(),
+                t.port,
+                t.authority.as_str(),
+                t.path_prefix.as_str()
+            ),
+            ("::1", 8000, "[::1]:8000", "/vtox")
+        );
+        assert_eq!(Target::parse("http://vtox").unwrap().port, 80);
+        assert!(matches!(
+            Target::parse("not a url"),
+            Err(TargetError::NotAUrl(_))
+        ));
+        assert!(matches!(
+            Target::parse("https://x"),
+            Err(TargetError::Https(_))
+        ));
+        assert!(matches!(
+            Target::parse("ftp://x"),
+            Err(TargetError::Scheme(_))
+        ));
+        assert!(matches!(
+            Target::parse("http://x/?a=1"),
+            Err(TargetError::Query(_))
+        ));
+    }
 
     #[test]
     fn path_is_percent_encoded() {

@@ -382,3 +382,149 @@ fn a_restarted_coordinator_resumes_the_run_and_counts_on() {
         "{summary}"
     );
 }
+
+#[test]
+fn bad_input_gets_a_clear_error_and_changes_nothing() {
+    // A target URL that does not parse: refused before anything starts.
+    let out = Command::new(bin("vtox-coord"))
+        .args(["run", "10", "--local", "--target", "not a url"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--target") && err.contains("not a URL") && !err.contains("panicked"),
+        "{err}"
+    );
+
+    let coord = format!("127.0.0.1:{}", free_port());
+    let _coord = Proc::spawn("vtox-coord", &["serve", "--listen", &coord]);
+    wait_listening(&coord, Duration::from_secs(10));
+    let logs = TempDir::new("badinput");
+    let _x = Proc::spawn(
+        "vtox-agent",
+        &["--join", &coord, "--name", "x", "--log-dir", logs.path()],
+    );
+    let coord_url = format!("http://{coord}");
+    let agents = || -> serde_json::Value {
+        let out = Command::new(bin("vtox-coord"))
+            .args(["agents", "--coord", &coord_url, "--json"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("agents");
+        serde_json::from_slice(&out.stdout).unwrap_or_default()
+    };
+    wait_for("agent x connected", Duration::from_secs(15), || {
+        (agents()["agents"][0]["connected"] == true).then_some(())
+    });
+
+    // Two agents with one name: the second is refused and says why.
+    let mut twin = Proc::spawn(
+        "vtox-agent",
+        &["--join", &coord, "--name", "x", "--log-dir", logs.path()],
+    );
+    let st = twin
+        .wait_timeout(Duration::from_secs(20))
+        .expect("the twin gives up");
+    assert!(!st.success());
+
+    // Garbage bytes on the gRPC port: the connection dies, the coordinator does not.
+    {
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect(&coord).expect("connect");
+        let garbage: Vec<u8> = (0..8192u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        let _ = s.write_all(&garbage);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let a = agents();
+    assert_eq!(a["agents"].as_array().map(|l| l.len()), Some(1), "{a}");
+    assert_eq!(a["agents"][0]["connected"], true, "{a}");
+}
+
+#[test]
+fn unparsable_metric_lines_are_counted_and_skipped() {
+    let logs = TempDir::new("badlines");
+    let fake = logs.0.join("fake-sim");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\necho 'not json'\necho '{\"sent\":5,\"accepted\":5,\"failed\":0,\"dropped\":0,\"bytes\":10}'\necho '{broken'\nexec sleep 60\n",
+    )
+    .expect("write the fake simulator");
+    let _ = Command::new("chmod")
+        .args(["+x", fake.to_str().unwrap_or_default()])
+        .status();
+    let coord = format!("127.0.0.1:{}", free_port());
+    let _coord = Proc::spawn("vtox-coord", &["serve", "--listen", &coord]);
+    wait_listening(&coord, Duration::from_secs(10));
+    let _agent = Proc::spawn(
+        "vtox-agent",
+        &[
+            "--join",
+            &coord,
+            "--name",
+            "f",
+            "--log-dir",
+            logs.path(),
+            "--sim-bin",
+            fake.to_str().unwrap_or_default(),
+        ],
+    );
+    let coord_url = format!("http://{coord}");
+    let _run = Proc::spawn_env(
+        "vtox-coord",
+        &[
+            "run",
+            "10",
+            "--coord",
+            &coord_url,
+            "--target",
+            "http://127.0.0.1:9",
+            "--duration",
+            "60s",
+        ],
+        &[],
+    );
+    wait_for("the bad lines counted", Duration::from_secs(20), || {
+        let out = Command::new(bin("vtox-coord"))
+            .args(["status", "--coord", &coord_url, "--json"])
+            .stdin(Stdio::null())
+            .output()
+            .ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let t = &v["totals"];
+        (t["bad_lines"] == 2 && t["accepted"] == 5).then_some(())
+    });
+}
+
+#[test]
+fn a_target_that_stops_answering_is_survived() {
+    let c = Cluster::start("deadsink", ["300", "300"]);
+    let sink_pid = c._procs[0].pid();
+    let _ = Command::new("kill")
+        .args(["-STOP", &sink_pid.to_string()])
+        .status();
+    std::thread::sleep(Duration::from_secs(10));
+    let _ = Command::new("kill")
+        .args(["-CONT", &sink_pid.to_string()])
+        .status();
+    c.all_sending_again(Duration::from_secs(15));
+    c.assert_no_conflicts();
+    wait_for("timeouts counted", Duration::from_secs(10), || {
+        let s = c.status();
+        (s["totals"]["timeouts"].as_u64().unwrap_or(0) > 0).then_some(())
+    });
+    // Memory stayed bounded: no simulator grew past a few tens of megabytes.
+    for agent in &c.agents {
+        for sim in children_of(agent.pid()) {
+            let rss = std::fs::read_to_string(format!("/proc/{sim}/statm"))
+                .ok()
+                .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .unwrap_or(0)
+                * 4096;
+            assert!(rss < 100 << 20, "simulator {sim} holds {rss} bytes");
+        }
+    }
+}
