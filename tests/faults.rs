@@ -528,3 +528,56 @@ fn a_target_that_stops_answering_is_survived() {
         }
     }
 }
+
+#[test]
+fn a_crash_looping_instance_is_marked_failed() {
+    let logs = TempDir::new("crashloop");
+    let fake = logs.0.join("crashing-sim");
+    std::fs::write(&fake, "#!/bin/sh\necho 'starting and dying' >&2\nexit 1\n").expect("write");
+    let _ = Command::new("chmod").args(["+x", fake.to_str().unwrap_or_default()]).status();
+    let coord = format!("127.0.0.1:{}", free_port());
+    let _coord = Proc::spawn("vtox-coord", &["serve", "--listen", &coord]);
+    wait_listening(&coord, Duration::from_secs(10));
+    let _agent = Proc::spawn(
+        "vtox-agent",
+        &["--join", &coord, "--name", "c", "--log-dir", logs.path(), "--sim-bin", fake.to_str().unwrap_or_default()],
+    );
+    let coord_url = format!("http://{coord}");
+    let _run = Proc::spawn_env(
+        "vtox-coord",
+        &["run", "10", "--coord", &coord_url, "--target", "http://127.0.0.1:9", "--duration", "60s"],
+        &[],
+    );
+    // Restarts back off 1, 2, 4, 8 s; the fifth crash within a minute ends it.
+    let instance = wait_for("the instance marked failed", Duration::from_secs(40), || {
+        let out = Command::new(bin("vtox-coord"))
+            .args(["status", "--coord", &coord_url, "--json"])
+            .stdin(Stdio::null())
+            .output()
+            .ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let i = v["agents"][0]["instances"][0].clone();
+        (i["phase"] == "failed").then_some(i)
+    });
+    assert_eq!(instance["restarts"], 4, "{instance}");
+    assert!(instance["last_error"].as_str().unwrap_or("").contains("exit"), "{instance}");
+    let log = std::fs::read_to_string(logs.0.join("instance-0.log")).unwrap_or_default();
+    assert!(log.contains("starting and dying"), "stderr goes to the instance log");
+}
+
+#[test]
+fn a_late_agent_takes_over_the_shortfall() {
+    let c = Cluster::start("late", ["120", "120"]);
+    // Without spare room, a lost agent's vehicles stay unassigned and status says so.
+    c.agents[0].signal(9);
+    wait_for("the shortfall shown", Duration::from_secs(15), || {
+        (c.status()["unassigned_vehicles"].as_u64().unwrap_or(0) > 0).then_some(())
+    });
+    let coord = c.coord_url.trim_start_matches("http://").to_string();
+    let _late = Proc::spawn("vtox-agent", &["--join", &coord, "--name", "late", "--log-dir", c._logs.path()]);
+    wait_for("the late agent took over", Duration::from_secs(20), || {
+        (c.status()["unassigned_vehicles"] == 0).then_some(())
+    });
+    c.all_sending_again(Duration::from_secs(15));
+    c.assert_no_conflicts();
+}
