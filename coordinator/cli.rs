@@ -770,6 +770,24 @@ pub async fn stop(a: CoordArg) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+pub async fn rebalance(a: CoordArg) -> Result<ExitCode> {
+    let mut client = connect(&a.coord).await?;
+    let r = client
+        .rebalance(pb::RebalanceRequest {})
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    if r.moved_instances == 0 {
+        println!("nothing to move: no agent is above its recommended load, or none has room");
+    } else {
+        println!(
+            "moving {} instances ({} vehicles); each rests {:.1} s between its agents",
+            r.moved_instances, r.moved_vehicles, 2.5
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 pub async fn agents(a: AgentsArgs) -> Result<ExitCode> {
     let mut client = connect(&a.coord.coord).await?;
     let agents = client

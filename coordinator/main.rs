@@ -45,6 +45,9 @@ enum Cmd {
     Stop(CoordArg),
     /// List the agents that joined.
     Agents(AgentsArgs),
+    /// Move whole instances away from agents above their recommended capacity (75% of max)
+    /// to agents below it, e.g. after new agents joined.
+    Rebalance(CoordArg),
 }
 
 #[derive(Debug, ClapArgs)]
@@ -222,6 +225,7 @@ fn main() -> ExitCode {
             Cmd::Status(a) => cli::status(a).await,
             Cmd::Stop(a) => cli::stop(a).await,
             Cmd::Agents(a) => cli::agents(a).await,
+            Cmd::Rebalance(a) => cli::rebalance(a).await,
         }
     });
     match result {

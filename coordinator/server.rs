@@ -84,7 +84,21 @@ struct Run {
     started: f64,
     state: RunState,
     ended: Option<f64>,
+    /// Instances between two agents: taken from the old one, given to the new one once the
+    /// old one has had time to stop them (see `HANDOFF`).
+    parked: Vec<Parked>,
 }
+
+struct Parked {
+    instance: vtox::plan::InstanceRange,
+    to: String,
+    release: Instant,
+}
+
+/// How long a moved instance rests between its old and its new agent: the old one stops it
+/// within a heartbeat, and a vehicle's last message from one host and its first from the
+/// next are never closer than the 2 s in which a sink would call them a conflict.
+const HANDOFF: Duration = Duration::from_millis(2500);
 
 /// What is known of one incarnation of one instance: its cumulative counters.
 struct Incarnation {
@@ -213,7 +227,8 @@ impl Coordinator {
             }
             let mut st = self.lock();
             st.update_run_state();
-            if st.move_orphans(self.settings.lease + self.settings.grace) {
+            let moved = st.move_orphans(self.settings.lease + self.settings.grace);
+            if moved | st.release_parked() {
                 st.bump_epoch();
             }
             self.persist(&mut st);
@@ -245,34 +260,10 @@ impl Coordinator {
 }
 
 impl State {
-    /// Moves the instances of agents silent for longer than `limit` to connected agents with
-    /// room, whole and with the same vehicle numbers; late joiners take part. Instances that
-    /// fit nowhere stay where they are and show as unassigned until an agent with room joins.
-    /// Returns whether anything moved.
-    fn move_orphans(&mut self, limit: Duration) -> bool {
-        let Some(run) = self.run.as_mut().filter(|r| r.state == RunState::Running) else {
-            return false;
-        };
-        // Silence, not a closed stream, is what counts: a frozen agent keeps its TCP connection.
-        let live = |name: &str| {
-            self.agents
-                .get(name)
-                .is_some_and(|a| a.connected() && a.last_seen.elapsed() < limit)
-        };
-        let dead = |name: &str| {
-            self.agents
-                .get(name)
-                .is_none_or(|a| a.last_seen.elapsed() > limit)
-        };
-        if !run
-            .plan
-            .agents
-            .iter()
-            .any(|a| !a.instances.is_empty() && dead(&a.name))
-        {
-            return false;
-        }
-        // Agents that joined after the plan was made can take work too.
+    /// Puts agents that joined after the plan was made into it (with nothing yet), so that
+    /// moves and rebalancing can give them work.
+    fn include_late_joiners(&mut self) {
+        let Some(run) = self.run.as_mut() else { return };
         let load = planning::load_params(&run.params);
         for (name, entry) in &self.agents {
             if entry.connected() && !run.plan.agents.iter().any(|a| &a.name == name) {
@@ -290,6 +281,41 @@ impl State {
                 });
             }
         }
+    }
+
+    /// Moves the instances of agents silent for longer than `limit` to connected agents with
+    /// room, whole and with the same vehicle numbers; late joiners take part. Instances that
+    /// fit nowhere stay where they are and show as unassigned until an agent with room joins.
+    /// Returns whether anything moved.
+    fn move_orphans(&mut self, limit: Duration) -> bool {
+        let dead_in = |agents: &BTreeMap<String, AgentEntry>, name: &str| {
+            agents
+                .get(name)
+                .is_none_or(|a| a.last_seen.elapsed() > limit)
+        };
+        let Some(run) = self.run.as_ref().filter(|r| r.state == RunState::Running) else {
+            return false;
+        };
+        if !run
+            .plan
+            .agents
+            .iter()
+            .any(|a| !a.instances.is_empty() && dead_in(&self.agents, &a.name))
+        {
+            return false;
+        }
+        self.include_late_joiners();
+        let agents_map = &self.agents;
+        let Some(run) = self.run.as_mut() else {
+            return false;
+        };
+        // Silence, not a closed stream, is what counts: a frozen agent keeps its TCP connection.
+        let live = |name: &str| {
+            agents_map
+                .get(name)
+                .is_some_and(|a| a.connected() && a.last_seen.elapsed() < limit)
+        };
+        let dead = |name: &str| dead_in(agents_map, name);
         let mut moved = false;
         let agents = &mut run.plan.agents;
         for from in 0..agents.len() {
@@ -327,6 +353,87 @@ impl State {
             }
         }
         moved
+    }
+
+    /// Moves instances, largest index first, from agents above their recommended load (75% of
+    /// their capacity) to live agents below it, through the parking lot. Returns what moved.
+    fn rebalance(&mut self, lease: Duration) -> (u32, u64) {
+        self.include_late_joiners();
+        let agents = &self.agents;
+        let Some(run) = self.run.as_mut().filter(|r| r.state == RunState::Running) else {
+            return (0, 0);
+        };
+        let live = |name: &str| {
+            agents
+                .get(name)
+                .is_some_and(|a| a.connected() && a.last_seen.elapsed() < lease)
+        };
+        let recommended =
+            |max: u64| (max as f64 * vtox::capacity::RECOMMENDED_SHARE).floor() as u64;
+        let mut incoming: BTreeMap<String, u64> = BTreeMap::new();
+        for p in &run.parked {
+            *incoming.entry(p.to.clone()).or_default() += p.instance.vehicles;
+        }
+        let (mut moved, mut vehicles) = (0u32, 0u64);
+        let plan = &mut run.plan.agents;
+        for from in 0..plan.len() {
+            while plan[from].vehicles > recommended(plan[from].max_vehicles) {
+                let Some(inst) = plan[from].instances.last().copied() else {
+                    break;
+                };
+                let to = (0..plan.len())
+                    .filter(|&j| j != from && live(&plan[j].name))
+                    .map(|j| {
+                        let load =
+                            plan[j].vehicles + incoming.get(&plan[j].name).copied().unwrap_or(0);
+                        (j, recommended(plan[j].max_vehicles).saturating_sub(load))
+                    })
+                    .filter(|(_, room)| *room >= inst.vehicles)
+                    .max_by_key(|(j, room)| (*room, std::cmp::Reverse(*j)));
+                let Some((to, _)) = to else { break };
+                plan[from].instances.pop();
+                plan[from].vehicles -= inst.vehicles;
+                let dest = plan[to].name.clone();
+                *incoming.entry(dest.clone()).or_default() += inst.vehicles;
+                tracing::info!(
+                    instance = inst.index,
+                    from = plan[from].name,
+                    to = dest,
+                    "rebalancing"
+                );
+                run.parked.push(Parked {
+                    instance: inst,
+                    to: dest,
+                    release: Instant::now() + HANDOFF,
+                });
+                moved += 1;
+                vehicles += inst.vehicles;
+            }
+        }
+        (moved, vehicles)
+    }
+
+    /// Hands parked instances to their new agents once their handoff time has passed.
+    fn release_parked(&mut self) -> bool {
+        let Some(run) = self.run.as_mut() else {
+            return false;
+        };
+        let now = Instant::now();
+        let (ready, waiting): (Vec<Parked>, Vec<Parked>) =
+            run.parked.drain(..).partition(|p| p.release <= now);
+        run.parked = waiting;
+        let released = !ready.is_empty();
+        for p in ready {
+            match run.plan.agents.iter_mut().find(|a| a.name == p.to) {
+                Some(a) => {
+                    a.vehicles += p.instance.vehicles;
+                    a.instances.push(p.instance);
+                    a.instances.sort_by_key(|i| i.index);
+                }
+                None => tracing::error!(agent = p.to, "a parked instance's agent left the plan"),
+            }
+        }
+        released
     }
 
     fn assignment_for(&self, agent: &str, epoch: u64) -> pb::Assignment {
@@ -377,9 +484,17 @@ impl State {
                     .map(|a| pb::StoredAgent {
                         name: a.name.clone(),
                         max_vehicles: a.max_vehicles,
+                        // Instances in handoff are kept with their new agent: a restart takes
+                        // longer than the handoff anyway.
                         instances: a
                             .instances
                             .iter()
+                            .chain(
+                                r.parked
+                                    .iter()
+                                    .filter(|p| p.to == a.name)
+                                    .map(|p| &p.instance),
+                            )
                             .map(|i| pb::InstanceSpec {
                                 index: i.index,
                                 first_vehicle: i.first_vehicle,
@@ -424,6 +539,7 @@ impl State {
             },
             started: r.started_unix,
             ended: (r.ended_unix > 0.0).then_some(r.ended_unix),
+            parked: Vec::new(),
         });
         // Newer than anything issued before the restart, whatever the clock did meanwhile.
         State {
@@ -507,7 +623,8 @@ impl State {
         let mut totals = pb::Counters::default();
         let mut all_latency = Latency::new();
         let mut agents = Vec::new();
-        let mut unassigned = 0;
+        // Vehicles that no connected agent drives: those of lost agents and those in handoff.
+        let mut unassigned: u64 = run.parked.iter().map(|p| p.instance.vehicles).sum();
         for planned in &run.plan.agents {
             let entry = self.agents.get(&planned.name);
             let connected = entry.is_some_and(AgentEntry::connected);
@@ -800,6 +917,7 @@ impl pb::control_service_server::ControlService for ControlApi {
             started: unix_s(),
             state: RunState::Running,
             ended: None,
+            parked: Vec::new(),
         });
         st.incarnations.clear();
         st.bump_epoch();
@@ -858,6 +976,30 @@ impl pb::control_service_server::ControlService for ControlApi {
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn rebalance(
+        &self,
+        _req: Request<pb::RebalanceRequest>,
+    ) -> Result<Response<pb::RebalanceReply>, Status> {
+        let mut st = self.0.lock();
+        if !st
+            .run
+            .as_ref()
+            .is_some_and(|r| r.state == RunState::Running)
+        {
+            return Err(Status::failed_precondition("no run is in progress"));
+        }
+        let (moved_instances, moved_vehicles) = st.rebalance(self.0.settings.lease);
+        if moved_instances > 0 {
+            st.bump_epoch();
+        }
+        drop(st);
+        self.0.changed.notify_one();
+        Ok(Response::new(pb::RebalanceReply {
+            moved_instances,
+            moved_vehicles,
+        }))
     }
 
     async fn list_agents(

@@ -141,12 +141,18 @@ struct Cluster {
     sink: String,
     coord_url: String,
     agents: Vec<Proc>,
+    vehicles: usize,
     _procs: Vec<Proc>,
     _logs: TempDir,
 }
 
 impl Cluster {
     fn start(tag: &str, caps: [&str; 2]) -> Cluster {
+        Self::start_n(tag, caps, 234)
+    }
+
+    fn start_n(tag: &str, caps: [&str; 2], vehicles: usize) -> Cluster {
+        let n = vehicles.to_string();
         let sink = format!("127.0.0.1:{}", free_port());
         let sink_p = Proc::spawn("vtox-sink", &["--listen", &sink]);
         let coord = format!("127.0.0.1:{}", free_port());
@@ -193,7 +199,7 @@ impl Cluster {
             "vtox-coord",
             &[
                 "run",
-                "234",
+                &n,
                 "--coord",
                 &coord_url,
                 "--target",
@@ -211,13 +217,14 @@ impl Cluster {
             ],
             &[],
         );
-        wait_for("all 234 vehicles sending", Duration::from_secs(30), || {
-            (vehicle_counts(&sink).len() == 234).then_some(())
+        wait_for("every vehicle sending", Duration::from_secs(30), || {
+            (vehicle_counts(&sink).len() == vehicles).then_some(())
         });
         Cluster {
             sink,
             coord_url,
             agents,
+            vehicles,
             _procs: vec![sink_p, coord_p, run],
             _logs: logs,
         }
@@ -250,7 +257,7 @@ impl Cluster {
             stats["conflicts"], 0,
             "no vehicle was driven by two hosts at once: {stats}"
         );
-        assert_eq!(stats["vehicles"], 234);
+        assert_eq!(stats["vehicles"], self.vehicles);
     }
 }
 
@@ -534,35 +541,68 @@ fn a_crash_looping_instance_is_marked_failed() {
     let logs = TempDir::new("crashloop");
     let fake = logs.0.join("crashing-sim");
     std::fs::write(&fake, "#!/bin/sh\necho 'starting and dying' >&2\nexit 1\n").expect("write");
-    let _ = Command::new("chmod").args(["+x", fake.to_str().unwrap_or_default()]).status();
+    let _ = Command::new("chmod")
+        .args(["+x", fake.to_str().unwrap_or_default()])
+        .status();
     let coord = format!("127.0.0.1:{}", free_port());
     let _coord = Proc::spawn("vtox-coord", &["serve", "--listen", &coord]);
     wait_listening(&coord, Duration::from_secs(10));
     let _agent = Proc::spawn(
         "vtox-agent",
-        &["--join", &coord, "--name", "c", "--log-dir", logs.path(), "--sim-bin", fake.to_str().unwrap_or_default()],
+        &[
+            "--join",
+            &coord,
+            "--name",
+            "c",
+            "--log-dir",
+            logs.path(),
+            "--sim-bin",
+            fake.to_str().unwrap_or_default(),
+        ],
     );
     let coord_url = format!("http://{coord}");
     let _run = Proc::spawn_env(
         "vtox-coord",
-        &["run", "10", "--coord", &coord_url, "--target", "http://127.0.0.1:9", "--duration", "60s"],
+        &[
+            "run",
+            "10",
+            "--coord",
+            &coord_url,
+            "--target",
+            "http://127.0.0.1:9",
+            "--duration",
+            "60s",
+        ],
         &[],
     );
     // Restarts back off 1, 2, 4, 8 s; the fifth crash within a minute ends it.
-    let instance = wait_for("the instance marked failed", Duration::from_secs(40), || {
-        let out = Command::new(bin("vtox-coord"))
-            .args(["status", "--coord", &coord_url, "--json"])
-            .stdin(Stdio::null())
-            .output()
-            .ok()?;
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-        let i = v["agents"][0]["instances"][0].clone();
-        (i["phase"] == "failed").then_some(i)
-    });
+    let instance = wait_for(
+        "the instance marked failed",
+        Duration::from_secs(40),
+        || {
+            let out = Command::new(bin("vtox-coord"))
+                .args(["status", "--coord", &coord_url, "--json"])
+                .stdin(Stdio::null())
+                .output()
+                .ok()?;
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            let i = v["agents"][0]["instances"][0].clone();
+            (i["phase"] == "failed").then_some(i)
+        },
+    );
     assert_eq!(instance["restarts"], 4, "{instance}");
-    assert!(instance["last_error"].as_str().unwrap_or("").contains("exit"), "{instance}");
+    assert!(
+        instance["last_error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("exit"),
+        "{instance}"
+    );
     let log = std::fs::read_to_string(logs.0.join("instance-0.log")).unwrap_or_default();
-    assert!(log.contains("starting and dying"), "stderr goes to the instance log");
+    assert!(
+        log.contains("starting and dying"),
+        "stderr goes to the instance log"
+    );
 }
 
 #[test]
@@ -574,10 +614,76 @@ fn a_late_agent_takes_over_the_shortfall() {
         (c.status()["unassigned_vehicles"].as_u64().unwrap_or(0) > 0).then_some(())
     });
     let coord = c.coord_url.trim_start_matches("http://").to_string();
-    let _late = Proc::spawn("vtox-agent", &["--join", &coord, "--name", "late", "--log-dir", c._logs.path()]);
+    let _late = Proc::spawn(
+        "vtox-agent",
+        &[
+            "--join",
+            &coord,
+            "--name",
+            "late",
+            "--log-dir",
+            c._logs.path(),
+        ],
+    );
     wait_for("the late agent took over", Duration::from_secs(20), || {
         (c.status()["unassigned_vehicles"] == 0).then_some(())
     });
+    c.all_sending_again(Duration::from_secs(15));
+    c.assert_no_conflicts();
+}
+
+#[test]
+fn rebalance_moves_instances_to_a_new_agent_without_conflicts() {
+    // Two agents filled to their capacity: both above their recommended 75%.
+    let c = Cluster::start_n("rebalance", ["100", "100"], 200);
+    let coord = c.coord_url.trim_start_matches("http://").to_string();
+    let _new = Proc::spawn(
+        "vtox-agent",
+        &[
+            "--join",
+            &coord,
+            "--name",
+            "new",
+            "--log-dir",
+            c._logs.path(),
+        ],
+    );
+    wait_for("the new agent connected", Duration::from_secs(15), || {
+        let out = Command::new(bin("vtox-coord"))
+            .args(["agents", "--coord", &c.coord_url, "--json"])
+            .output()
+            .ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        (v["agents"]
+            .as_array()?
+            .iter()
+            .filter(|a| a["connected"] == true)
+            .count()
+            == 3)
+            .then_some(())
+    });
+    let out = Command::new(bin("vtox-coord"))
+        .args(["rebalance", "--coord", &c.coord_url])
+        .output()
+        .expect("rebalance");
+    assert!(out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("moving 2 instances (100 vehicles)"),
+        "{out:?}"
+    );
+    wait_for(
+        "the new agent carrying them",
+        Duration::from_secs(15),
+        || {
+            let s = c.status();
+            let new = s["agents"]
+                .as_array()?
+                .iter()
+                .find(|a| a["name"] == "new")?
+                .clone();
+            (new["vehicles"] == 100 && new["instances_running"] == 2).then_some(())
+        },
+    );
     c.all_sending_again(Duration::from_secs(15));
     c.assert_no_conflicts();
 }
