@@ -116,6 +116,12 @@ struct State {
     next_session: u64,
     /// The desired state changed since it was last written to the state dir.
     dirty: bool,
+    /// Metrics arrived since the state was last written (written at most every 2 s).
+    metrics_dirty: bool,
+    last_write: Option<Instant>,
+    /// When this coordinator started: an agent it has not heard from yet only counts as lost
+    /// once it had a whole lease and grace to reconnect.
+    born: Option<Instant>,
 }
 
 pub struct Coordinator {
@@ -174,6 +180,7 @@ impl Coordinator {
                 Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
             }
         }
+        state.born = Some(Instant::now());
         Ok(Arc::new(Coordinator {
             state: Mutex::new(state),
             changed: Notify::new(),
@@ -187,7 +194,11 @@ impl Coordinator {
         let Some(dir) = &self.settings.state_dir else {
             return;
         };
-        if !st.dirty {
+        let metrics_due = st.metrics_dirty
+            && st
+                .last_write
+                .is_none_or(|t| t.elapsed() >= Duration::from_secs(2));
+        if !st.dirty && !metrics_due {
             return;
         }
         let bytes = prost::Message::encode_to_vec(&st.stored());
@@ -204,7 +215,11 @@ impl Coordinator {
             Ok(())
         })();
         match result {
-            Ok(()) => st.dirty = false,
+            Ok(()) => {
+                st.dirty = false;
+                st.metrics_dirty = false;
+                st.last_write = Some(Instant::now());
+            }
             Err(e) => tracing::error!("cannot write the state to {}: {e}", dir.display()),
         }
     }
@@ -288,10 +303,10 @@ impl State {
     /// fit nowhere stay where they are and show as unassigned until an agent with room joins.
     /// Returns whether anything moved.
     fn move_orphans(&mut self, limit: Duration) -> bool {
-        let dead_in = |agents: &BTreeMap<String, AgentEntry>, name: &str| {
-            agents
-                .get(name)
-                .is_none_or(|a| a.last_seen.elapsed() > limit)
+        let born = self.born;
+        let dead_in = |agents: &BTreeMap<String, AgentEntry>, name: &str| match agents.get(name) {
+            Some(a) => a.last_seen.elapsed() > limit,
+            None => born.is_none_or(|b| b.elapsed() > limit),
         };
         let Some(run) = self.run.as_ref().filter(|r| r.state == RunState::Running) else {
             return false;
@@ -470,8 +485,17 @@ impl State {
     }
 
     fn stored(&self) -> pb::StoredState {
+        let incarnations = self
+            .incarnations
+            .iter()
+            .map(|((agent, _, _), inc)| pb::StoredIncarnation {
+                agent: agent.clone(),
+                status: Some(inc.status.clone()),
+            })
+            .collect();
         pb::StoredState {
             epoch: self.epoch,
+            incarnations,
             run: self.run.as_ref().map(|r| pb::StoredRun {
                 id: r.id.clone(),
                 state: r.state.as_str().into(),
@@ -542,9 +566,26 @@ impl State {
             parked: Vec::new(),
         });
         // Newer than anything issued before the restart, whatever the clock did meanwhile.
+        let incarnations = stored
+            .incarnations
+            .into_iter()
+            .filter_map(|i| {
+                let status = i.status?;
+                let latency = status
+                    .counters
+                    .as_ref()
+                    .and_then(|c| Latency::from_bytes(&c.latency_hdr).ok())
+                    .unwrap_or_default();
+                Some((
+                    (i.agent, status.index, status.incarnation),
+                    Incarnation { status, latency },
+                ))
+            })
+            .collect();
         State {
             epoch: (stored.epoch + 1).max(unix_ms()),
             run,
+            incarnations,
             ..Default::default()
         }
     }
@@ -583,6 +624,7 @@ impl State {
             if status.run_id != run_id {
                 continue;
             }
+            self.metrics_dirty = true;
             let key = (agent.to_string(), status.index, status.incarnation);
             let counters = status.counters.clone().unwrap_or_default();
             let entry = self.incarnations.entry(key);
@@ -735,7 +777,9 @@ impl pb::agent_service_server::AgentService for AgentApi {
         let c = &self.0;
         let mut st = c.lock();
         if let Some(existing) = st.agents.get(&name) {
-            if existing.connected() {
+            // A name held by a silent session (its process died without the connection
+            // closing, or froze) may be taken over once that session outlived its lease.
+            if existing.connected() && existing.last_seen.elapsed() < c.settings.lease {
                 return Err(Status::already_exists(format!(
                     "an agent named {name:?} is already connected (from {}); give each agent its own --name",
                     existing.address

@@ -167,7 +167,12 @@ pub enum HostSpecError {
     NoMemory(String),
     #[error("host {0:?}: link speed must end in mbps or gbps")]
     Link(String),
+    #[error("host {0:?} asks for more than {MAX_HOSTS} hosts")]
+    TooMany(String),
 }
+
+/// More hypothetical hosts than any fleet has: a typo (`4000000x`) must not allocate forever.
+pub const MAX_HOSTS: usize = 100_000;
 
 /// Parses `4c8g,8c32g@1000mbps,3x16c64g@10gbps` into hypothetical hosts.
 pub fn parse_hosts(spec: &str) -> Result<Vec<HostSpec>, HostSpecError> {
@@ -215,6 +220,9 @@ pub fn parse_hosts(spec: &str) -> Result<Vec<HostSpec>, HostSpecError> {
         };
         if count == 0 {
             return Err(syntax());
+        }
+        if out.len() + count as usize > MAX_HOSTS {
+            return Err(HostSpecError::TooMany(raw.trim().to_string()));
         }
         let bytes = (mem_gb * (1u64 << 30) as f64) as u64;
         for _ in 0..count {
@@ -326,5 +334,9 @@ mod tests {
             Err(HostSpecError::Link(_))
         ));
         assert!(matches!(parse_hosts("big"), Err(HostSpecError::Syntax(_))));
+        assert!(matches!(
+            parse_hosts("4000000000x1c1g"),
+            Err(HostSpecError::TooMany(_))
+        ));
     }
 }

@@ -127,6 +127,9 @@ pub fn plan(
     let mut pieces: Vec<Vec<u64>> = vec![Vec::new(); agents.len()];
     let mut heap: BinaryHeap<Deficit> = (0..agents.len()).map(|i| Deficit(target[i], i)).collect();
     let mut set_aside = Vec::new();
+    // No instance is smaller than the last one: an agent without room for it can never take a
+    // whole instance again and leaves the heap for good (it may still take a split piece).
+    let smallest = n - p * (count - 1);
     for k in 0..count {
         let mut size = if k + 1 == count {
             n - p * (count - 1)
@@ -137,11 +140,14 @@ pub fn plan(
             // The agent furthest below its share that has room for the whole instance.
             let mut chosen = None;
             while let Some(d) = heap.pop() {
-                if room(d.1, assigned[d.1]) >= size {
+                let r = room(d.1, assigned[d.1]);
+                if r >= size {
                     chosen = Some(d.1);
                     break;
                 }
-                set_aside.push(d);
+                if r >= smallest {
+                    set_aside.push(d);
+                }
             }
             let (agent, piece) = match chosen {
                 Some(i) => (i, size),

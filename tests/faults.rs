@@ -326,9 +326,33 @@ fn a_restarted_coordinator_resumes_the_run_and_counts_on() {
     wait_listening(&sink, Duration::from_secs(10));
     wait_listening(&coord, Duration::from_secs(10));
     let logs = TempDir::new("restart");
+    // Two agents with room for each other's vehicles: a restarted coordinator must wait for
+    // both to come back rather than move the vehicles of the one that reconnects second.
     let _a = Proc::spawn(
         "vtox-agent",
-        &["--join", &coord, "--name", "a", "--log-dir", logs.path()],
+        &[
+            "--join",
+            &coord,
+            "--name",
+            "a",
+            "--max-vehicles",
+            "200",
+            "--log-dir",
+            logs.path(),
+        ],
+    );
+    let _b = Proc::spawn(
+        "vtox-agent",
+        &[
+            "--join",
+            &coord,
+            "--name",
+            "b",
+            "--max-vehicles",
+            "200",
+            "--log-dir",
+            logs.path(),
+        ],
     );
     let coord_url = format!("http://{coord}");
     let mut run = Proc::spawn_env(
@@ -346,6 +370,8 @@ fn a_restarted_coordinator_resumes_the_run_and_counts_on() {
             "0.5s",
             "--stagger",
             "0.1s",
+            "--expect-agents",
+            "2",
             "--json",
         ],
         &[],
