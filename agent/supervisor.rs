@@ -157,12 +157,12 @@ impl Supervisor {
         }
         self.lapsed = false;
         self.epoch = a.epoch;
-        if a.run_id != self.run_id {
-            self.stop_all(if a.run_id.is_empty() {
-                "run ended"
-            } else {
-                "new run"
-            });
+        if a.run_id.is_empty() {
+            // The run ended or was stopped: the simulators go, but the run's id and history
+            // stay, so that their last metric lines still reach the coordinator.
+            self.stop_all("run ended");
+        } else if a.run_id != self.run_id {
+            self.stop_all("new run");
             self.history.clear();
             self.run_id = a.run_id.clone();
         }
@@ -222,7 +222,12 @@ impl Supervisor {
                 signal(pid, libc::SIGTERM);
                 self.stopping.insert(pid, idx);
             }
-            self.history.push(status_of(&self.run_id, idx, &inst));
+            let mut ended = status_of(&self.run_id, idx, &inst);
+            // Stopped on purpose: whatever it was doing, it is not running any more.
+            if inst.phase != Phase::Failed {
+                ended.phase = Phase::Exited as i32;
+            }
+            self.history.push(ended);
         }
     }
 
@@ -320,6 +325,8 @@ impl Supervisor {
             }
             args.extend(["--duration".into(), format!("{remaining:.3}s")]);
         }
+        let tally = tally_path(&self.cfg.log_dir, idx);
+        args.extend(["--tally".into(), tally.to_string_lossy().into_owned()]);
         let log_path = self.cfg.log_dir.join(format!("instance-{idx}.log"));
         let stderr = match std::fs::OpenOptions::new()
             .create(true)
@@ -467,6 +474,14 @@ impl Supervisor {
                 }
                 tracing::warn!(instance = index, %detail, "simulator exited abnormally");
                 inst.last_error = format!("exited: {detail}");
+                // A killed simulator's last metric line is up to a report interval old; its
+                // tally file has the exact totals.
+                if let Some(t) = std::fs::read(tally_path(&self.cfg.log_dir, index))
+                    .ok()
+                    .and_then(|b| vtox::metrics::read_tally(&b))
+                {
+                    apply_tally(&mut inst.counters, &t);
+                }
                 self.history.push(status_of(&run_id, index, inst));
                 crashed(inst, Instant::now());
             }
@@ -561,6 +576,26 @@ fn status_of(run_id: &str, idx: u32, inst: &Instance) -> pb::InstanceStatus {
         counters: Some(inst.counters.clone()),
         last_error: inst.last_error.clone(),
     }
+}
+
+fn tally_path(log_dir: &std::path::Path, idx: u32) -> PathBuf {
+    log_dir.join(format!("instance-{idx}.tally"))
+}
+
+/// Raises the counters to a tally's totals (never lowers them: the tally may be from an
+/// incarnation that never got going).
+fn apply_tally(c: &mut pb::Counters, t: &[u64; vtox::metrics::TALLY_SLOTS]) {
+    use vtox::metrics::*;
+    if t[TALLY_SENT] < c.sent {
+        return;
+    }
+    c.sent = t[TALLY_SENT];
+    c.accepted = c.accepted.max(t[TALLY_ACCEPTED]);
+    c.failed = c.failed.max(t[TALLY_FAILED]);
+    c.dropped = c.dropped.max(t[TALLY_DROPPED]);
+    c.bytes = c.bytes.max(t[TALLY_BYTES]);
+    c.timeouts = c.timeouts.max(t[TALLY_TIMEOUT]);
+    c.connect_errors = c.connect_errors.max(t[TALLY_CONNECT]);
 }
 
 fn rss_of(pid: u32) -> u64 {

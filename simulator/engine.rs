@@ -18,6 +18,7 @@ use vtox::schedule::TimerWheel;
 use vtox::telemetry::{Sample, VehicleModel};
 
 use crate::lanes::{Job, Lanes};
+use crate::tally::{self, Tally};
 use vtox::http1::RequestBuf;
 
 /// Most ticks handled before the scheduler yields, so that response handling on the same
@@ -46,6 +47,8 @@ pub struct Counters {
     pub max_lag_us: AtomicU64,
     status: Mutex<BTreeMap<u16, u64>>,
     latency: Mutex<Latency>,
+    /// The crash-proof copy of the totals, when `--tally` is given.
+    pub tally: Option<Tally>,
 }
 
 impl Counters {
@@ -92,6 +95,12 @@ impl Counters {
         match self.latency.lock() {
             Ok(mut l) => l.record_us(us),
             Err(poisoned) => poisoned.into_inner().record_us(us),
+        }
+    }
+
+    pub fn tally(&self, slot: usize, n: u64) {
+        if let Some(t) = &self.tally {
+            t.add(slot, n);
         }
     }
 
@@ -177,7 +186,16 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>) -> Result<()> {
         "sending"
     );
 
-    let counters = Arc::new(Counters::default());
+    let counters = Arc::new(Counters {
+        tally: args.tally.as_deref().and_then(|p| {
+            let t = Tally::create(p);
+            if t.is_none() {
+                tracing::warn!(path = %p.display(), "cannot map the tally file; counts of a killed run may be short");
+            }
+            t
+        }),
+        ..Default::default()
+    });
     let mut lanes = Lanes::new(
         cfg.host.clone(),
         cfg.port,
@@ -246,6 +264,7 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>) -> Result<()> {
             // sending late ticks in a burst would misstate the load, so they count as dropped.
             if lag_ns > interval_ns || !lanes.has_room() {
                 counters.dropped.fetch_add(1, Relaxed);
+                counters.tally(tally::TALLY_DROPPED, 1);
                 continue;
             }
 
@@ -275,9 +294,12 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>) -> Result<()> {
                 Ok(()) => {
                     counters.sent.fetch_add(1, Relaxed);
                     counters.bytes.fetch_add(body_len as u64, Relaxed);
+                    counters.tally(tally::TALLY_SENT, 1);
+                    counters.tally(tally::TALLY_BYTES, body_len as u64);
                 }
                 Err(_) => {
                     counters.dropped.fetch_add(1, Relaxed);
+                    counters.tally(tally::TALLY_DROPPED, 1);
                 }
             }
         }

@@ -123,17 +123,26 @@ async fn run_lane(id: usize, mut rx: mpsc::Receiver<Job>, shared: Arc<Shared>) {
                 c.record_latency(job.created.elapsed().as_micros() as u64);
                 if status == 200 {
                     c.accepted.fetch_add(1, Relaxed);
+                    c.tally(crate::tally::TALLY_ACCEPTED, 1);
                 } else {
                     c.record_status(status);
+                    c.tally(crate::tally::TALLY_FAILED, 1);
                 }
             }
             Err(f) => {
                 // Whatever state the connection is in, it cannot carry another request.
                 conn = None;
                 match f {
-                    Failure::Timeout => c.timeout.fetch_add(1, Relaxed),
-                    Failure::Connect => c.connect.fetch_add(1, Relaxed),
+                    Failure::Timeout => {
+                        c.tally(crate::tally::TALLY_TIMEOUT, 1);
+                        c.timeout.fetch_add(1, Relaxed)
+                    }
+                    Failure::Connect => {
+                        c.tally(crate::tally::TALLY_CONNECT, 1);
+                        c.connect.fetch_add(1, Relaxed)
+                    }
                 };
+                c.tally(crate::tally::TALLY_FAILED, 1);
             }
         }
         c.in_flight.fetch_sub(1, Relaxed);

@@ -3,6 +3,7 @@
 
 mod engine;
 mod lanes;
+mod tally;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
@@ -82,6 +83,10 @@ pub struct Args {
     /// driving vehicles the coordinator may already have moved elsewhere. Exits with code 3.
     #[arg(long, value_parser = parse_duration)]
     pub lease: Option<Duration>,
+    /// Keep the running totals in this file (shared memory), so that they can be read exactly
+    /// even after the process is killed. `vtox-agent` passes one per instance.
+    #[arg(long, value_name = "PATH")]
+    pub tally: Option<std::path::PathBuf>,
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = vtox::process::LogFormat::Text)]
     pub log_format: vtox::process::LogFormat,

@@ -129,6 +129,31 @@ impl Latency {
     }
 }
 
+/// Slots of a simulator's tally file (`vtox-sim --tally`): native-endian u64 counters that
+/// survive the process being killed.
+pub const TALLY_SENT: usize = 0;
+pub const TALLY_ACCEPTED: usize = 1;
+pub const TALLY_FAILED: usize = 2;
+pub const TALLY_DROPPED: usize = 3;
+pub const TALLY_BYTES: usize = 4;
+pub const TALLY_TIMEOUT: usize = 5;
+pub const TALLY_CONNECT: usize = 6;
+pub const TALLY_SLOTS: usize = 8;
+
+/// Reads a tally file's counters; None when it is missing or short.
+pub fn read_tally(bytes: &[u8]) -> Option<[u64; TALLY_SLOTS]> {
+    if bytes.len() < TALLY_SLOTS * 8 {
+        return None;
+    }
+    let mut out = [0u64; TALLY_SLOTS];
+    for (i, v) in out.iter_mut().enumerate() {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&bytes[i * 8..i * 8 + 8]);
+        *v = u64::from_ne_bytes(b);
+    }
+    Some(out)
+}
+
 /// Failed requests by cause.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Failures {
