@@ -508,57 +508,76 @@ fn bad_input_gets_a_clear_error_and_changes_nothing() {
     assert_eq!(a["agents"][0]["connected"], true, "{a}");
 }
 
-#[test]
-fn unparsable_metric_lines_are_counted_and_skipped() {
-    let logs = TempDir::new("badlines");
-    let fake = logs.0.join("fake-sim");
-    std::fs::write(
-        &fake,
-        "#!/bin/sh\necho 'not json'\necho '{\"sent\":5,\"accepted\":5,\"failed\":0,\"dropped\":0,\"bytes\":10}'\necho '{broken'\nexec sleep 60\n",
-    )
-    .expect("write the fake simulator");
-    let _ = Command::new("chmod")
-        .args(["+x", fake.to_str().unwrap_or_default()])
-        .status();
-    let coord = format!("127.0.0.1:{}", free_port());
-    let _coord = Proc::spawn("vtox-coord", &["serve", "--listen", &coord]);
-    wait_listening(&coord, Duration::from_secs(10));
-    let _agent = Proc::spawn(
-        "vtox-agent",
-        &[
-            "--join",
-            &coord,
-            "--name",
-            "f",
-            "--log-dir",
-            logs.path(),
-            "--sim-bin",
-            fake.to_str().unwrap_or_default(),
-        ],
-    );
-    let coord_url = format!("http://{coord}");
-    let _run = Proc::spawn_env(
-        "vtox-coord",
-        &[
-            "run",
-            "10",
-            "--coord",
-            &coord_url,
-            "--target",
-            "http://127.0.0.1:9",
-            "--duration",
-            "60s",
-        ],
-        &[],
-    );
-    wait_for("the bad lines counted", Duration::from_secs(20), || {
+/// A coordinator and one agent whose "simulator" is `script`, running a 10-vehicle run.
+struct FakeSim {
+    coord_url: String,
+    logs: TempDir,
+    _procs: Vec<Proc>,
+}
+
+impl FakeSim {
+    fn start(tag: &str, script: &str) -> FakeSim {
+        let logs = TempDir::new(tag);
+        let fake = logs.0.join("fake-sim");
+        std::fs::write(&fake, script).expect("write the fake simulator");
+        let fake = fake.to_str().unwrap_or_default().to_string();
+        let _ = Command::new("chmod").args(["+x", &fake]).status();
+        let coord = format!("127.0.0.1:{}", free_port());
+        let coord_p = Proc::spawn("vtox-coord", &["serve", "--listen", &coord]);
+        wait_listening(&coord, Duration::from_secs(10));
+        let agent = Proc::spawn(
+            "vtox-agent",
+            &[
+                "--join",
+                &coord,
+                "--name",
+                "f",
+                "--log-dir",
+                logs.path(),
+                "--sim-bin",
+                &fake,
+            ],
+        );
+        let coord_url = format!("http://{coord}");
+        let run = Proc::spawn_env(
+            "vtox-coord",
+            &[
+                "run",
+                "10",
+                "--coord",
+                &coord_url,
+                "--target",
+                "http://127.0.0.1:9",
+                "--duration",
+                "60s",
+            ],
+            &[],
+        );
+        FakeSim {
+            coord_url,
+            logs,
+            _procs: vec![coord_p, agent, run],
+        }
+    }
+
+    fn status(&self) -> Option<serde_json::Value> {
         let out = Command::new(bin("vtox-coord"))
-            .args(["status", "--coord", &coord_url, "--json"])
+            .args(["status", "--coord", &self.coord_url, "--json"])
             .stdin(Stdio::null())
             .output()
             .ok()?;
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-        let t = &v["totals"];
+        serde_json::from_slice(&out.stdout).ok()
+    }
+}
+
+#[test]
+fn unparsable_metric_lines_are_counted_and_skipped() {
+    let f = FakeSim::start(
+        "badlines",
+        "#!/bin/sh\necho 'not json'\necho '{\"sent\":5,\"accepted\":5,\"failed\":0,\"dropped\":0,\"bytes\":10}'\necho '{broken'\nexec sleep 60\n",
+    );
+    wait_for("the bad lines counted", Duration::from_secs(20), || {
+        let t = f.status()?["totals"].clone();
         (t["bad_lines"] == 2 && t["accepted"] == 5).then_some(())
     });
 }
@@ -595,55 +614,16 @@ fn a_target_that_stops_answering_is_survived() {
 
 #[test]
 fn a_crash_looping_instance_is_marked_failed() {
-    let logs = TempDir::new("crashloop");
-    let fake = logs.0.join("crashing-sim");
-    std::fs::write(&fake, "#!/bin/sh\necho 'starting and dying' >&2\nexit 1\n").expect("write");
-    let _ = Command::new("chmod")
-        .args(["+x", fake.to_str().unwrap_or_default()])
-        .status();
-    let coord = format!("127.0.0.1:{}", free_port());
-    let _coord = Proc::spawn("vtox-coord", &["serve", "--listen", &coord]);
-    wait_listening(&coord, Duration::from_secs(10));
-    let _agent = Proc::spawn(
-        "vtox-agent",
-        &[
-            "--join",
-            &coord,
-            "--name",
-            "c",
-            "--log-dir",
-            logs.path(),
-            "--sim-bin",
-            fake.to_str().unwrap_or_default(),
-        ],
-    );
-    let coord_url = format!("http://{coord}");
-    let _run = Proc::spawn_env(
-        "vtox-coord",
-        &[
-            "run",
-            "10",
-            "--coord",
-            &coord_url,
-            "--target",
-            "http://127.0.0.1:9",
-            "--duration",
-            "60s",
-        ],
-        &[],
+    let f = FakeSim::start(
+        "crashloop",
+        "#!/bin/sh\necho 'starting and dying' >&2\nexit 1\n",
     );
     // Restarts back off 1, 2, 4, 8 s; the fifth crash within a minute ends it.
     let instance = wait_for(
         "the instance marked failed",
         Duration::from_secs(40),
         || {
-            let out = Command::new(bin("vtox-coord"))
-                .args(["status", "--coord", &coord_url, "--json"])
-                .stdin(Stdio::null())
-                .output()
-                .ok()?;
-            let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-            let i = v["agents"][0]["instances"][0].clone();
+            let i = f.status()?["agents"][0]["instances"][0].clone();
             (i["phase"] == "failed").then_some(i)
         },
     );
@@ -655,7 +635,7 @@ fn a_crash_looping_instance_is_marked_failed() {
             .contains("exit"),
         "{instance}"
     );
-    let log = std::fs::read_to_string(logs.0.join("instance-0.log")).unwrap_or_default();
+    let log = std::fs::read_to_string(f.logs.0.join("instance-0.log")).unwrap_or_default();
     assert!(
         log.contains("starting and dying"),
         "stderr goes to the instance log"
