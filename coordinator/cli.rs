@@ -94,11 +94,11 @@ fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
     cur.to_string()
 }
 
-fn status_error(s: tonic::Status) -> anyhow::Error {
+pub(crate) fn status_error(s: tonic::Status) -> anyhow::Error {
     anyhow!("{}", s.message())
 }
 
-fn params_of(n: u64, load: &LoadArgs) -> pb::PlanParams {
+pub(crate) fn params_of(n: u64, load: &LoadArgs) -> pb::PlanParams {
     pb::PlanParams {
         vehicles: n,
         per_instance: load.per_instance,

@@ -7,6 +7,7 @@ mod hardware;
 mod cli;
 mod local;
 mod planning;
+mod ramp;
 mod server;
 
 use clap::{Args as ClapArgs, Parser, Subcommand};
@@ -45,6 +46,8 @@ enum Cmd {
     Stop(CoordArg),
     /// List the agents that joined.
     Agents(AgentsArgs),
+    /// Run growing fleets and find where the backend breaks; writes performance_test_report.json.
+    Ramp(ramp::RampArgs),
     /// Move whole instances away from agents above their recommended capacity (75% of max)
     /// to agents below it, e.g. after new agents joined.
     Rebalance(CoordArg),
@@ -226,6 +229,7 @@ fn main() -> ExitCode {
             Cmd::Stop(a) => cli::stop(a).await,
             Cmd::Agents(a) => cli::agents(a).await,
             Cmd::Rebalance(a) => cli::rebalance(a).await,
+            Cmd::Ramp(a) => ramp::ramp(a).await,
         }
     });
     match result {

@@ -67,6 +67,10 @@ struct Args {
     /// Wait this long before answering every ingest request (e.g. 500ms, 3s): a slow backend.
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     delay: Option<Duration>,
+    /// Answer at most this many ingest requests per second with 200; the rest get 503 (a
+    /// backend with a known limit, for ramp tests).
+    #[arg(long, value_name = "N")]
+    max_rps: Option<u64>,
     /// Log format on stderr (level from RUST_LOG, default info).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -142,6 +146,8 @@ struct App {
     token: Option<String>,
     delay: Option<Duration>,
     redis: Option<RedisSink>,
+    /// (--max-rps, (current whole second since start, requests answered in it)).
+    limit: Option<(u64, Mutex<(u64, u64)>)>,
 }
 
 impl App {
@@ -192,6 +198,22 @@ async fn ingest(
     // during the wait usually has its request dropped here, uncounted.
     if let Some(d) = app.delay {
         tokio::time::sleep(d).await;
+    }
+    if let Some((max, window)) = &app.limit {
+        let second = app.started.elapsed().as_secs();
+        let mut w = window.lock().unwrap_or_else(|e| e.into_inner());
+        if w.0 != second {
+            *w = (second, 0);
+        }
+        w.1 += 1;
+        if w.1 > *max {
+            drop(w);
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(serde_json::json!({"detail": "over --max-rps"})),
+            )
+                .into_response();
+        }
     }
     if authenticated {
         let auth = req
@@ -365,6 +387,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         token: args.token.filter(|t| !t.is_empty()),
         delay: args.delay.filter(|d| !d.is_zero()),
         redis,
+        limit: args.max_rps.map(|m| (m, Mutex::new((0, 0)))),
     });
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
