@@ -55,6 +55,12 @@ pub struct RampArgs {
     /// Where the JSON report goes.
     #[arg(long, default_value = "performance_test_report.json")]
     pub out: std::path::PathBuf,
+    /// Also write one self-contained HTML file with the charts.
+    #[arg(long, value_name = "FILE")]
+    pub html: Option<std::path::PathBuf>,
+    /// Also write per-second history to PREFIX_stats_history.csv (Locust's layout).
+    #[arg(long, value_name = "PREFIX")]
+    pub csv: Option<String>,
     #[command(flatten)]
     pub load: LoadArgs,
     /// Percent of vehicles with a developing fault, e.g. insulation=5,bearing=3.
@@ -66,6 +72,17 @@ pub struct RampArgs {
     /// Request timeout of the simulators.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub timeout: Duration,
+}
+
+/// One second of the ramp, for the CSV history.
+struct HistoryRow {
+    unix: f64,
+    vehicles: u64,
+    rate: f64,
+    failures: f64,
+    latency: Latency,
+    total: u64,
+    failed: u64,
 }
 
 /// One step's measurements over its window.
@@ -136,7 +153,8 @@ pub async fn ramp(a: RampArgs) -> Result<ExitCode> {
                 .unwrap_or_else(|| "http://127.0.0.1:8000".into()),
         ),
     };
-    let result = run_steps(&a, &url, &target).await;
+    let mut history = Vec::new();
+    let result = run_steps(&a, &url, &target, &mut history).await;
     if let Some(c) = cluster {
         c.shutdown().await;
     }
@@ -146,6 +164,16 @@ pub async fn ramp(a: RampArgs) -> Result<ExitCode> {
     std::fs::write(&a.out, text + "\n")
         .with_context(|| format!("cannot write {}", a.out.display()))?;
     eprintln!("report written to {}", a.out.display());
+    if let Some(path) = &a.html {
+        std::fs::write(path, html(&a, &steps, &report))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        eprintln!("charts written to {}", path.display());
+    }
+    if let Some(prefix) = &a.csv {
+        let path = format!("{prefix}_stats_history.csv");
+        std::fs::write(&path, csv(&history)).with_context(|| format!("cannot write {path}"))?;
+        eprintln!("history written to {path}");
+    }
     println!("{}", report["test_summary"]);
     Ok(if steps.iter().all(Step::passed) {
         ExitCode::SUCCESS
@@ -154,7 +182,12 @@ pub async fn ramp(a: RampArgs) -> Result<ExitCode> {
     })
 }
 
-async fn run_steps(a: &RampArgs, url: &str, target: &str) -> Result<Vec<Step>> {
+async fn run_steps(
+    a: &RampArgs,
+    url: &str,
+    target: &str,
+    history: &mut Vec<HistoryRow>,
+) -> Result<Vec<Step>> {
     let mut client = connect(url).await?;
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
@@ -184,7 +217,7 @@ async fn run_steps(a: &RampArgs, url: &str, target: &str) -> Result<Vec<Step>> {
             a.step_duration,
             a.warmup
         );
-        let step = run_step(a, &mut client, target, n).await?;
+        let step = run_step(a, &mut client, target, n, history).await?;
         eprintln!(
             "  {}: {:.0}/{:.0} msg/s, {:.2}% ok, p95 {:.1} ms{}",
             if step.passed() { "pass" } else { "FAIL" },
@@ -212,6 +245,7 @@ async fn run_step(
     client: &mut pb::control_service_client::ControlServiceClient<tonic::transport::Channel>,
     target: &str,
     n: u64,
+    history: &mut Vec<HistoryRow>,
 ) -> Result<Step> {
     let interval = a.load.interval.as_secs_f64();
     let spec = pb::RunSpec {
@@ -242,10 +276,40 @@ async fn run_step(
     let mut start: Option<pb::RunStatus> = None;
     let mut end: Option<pb::RunStatus> = None;
     let mut max_cpu: std::collections::BTreeMap<String, (f64, u64)> = Default::default();
+    let total_s = (a.warmup + a.step_duration).as_secs_f64() + 1.0;
+    let bar = indicatif::ProgressBar::new(total_s.ceil() as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{prefix:>12} [{bar:40}] {pos}/{len}s {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_prefix(format!("{n} vehicles"));
+    let mut prev: Option<(f64, u64, u64, Latency)> = None;
     while let Some(s) = watch.message().await.map_err(status_error)? {
         if s.run_id != started.run_id {
             bail!("the coordinator started another run");
         }
+        bar.set_position(s.elapsed_s.min(total_s) as u64);
+        let t = s.totals.clone().unwrap_or_default();
+        let lat = Latency::from_bytes(&t.latency_hdr).unwrap_or_default();
+        let done = t.accepted + t.failed;
+        if let Some((pt, pdone, pfailed, plat)) = &prev {
+            let dt = (s.elapsed_s - pt).max(0.001);
+            let rate = done.saturating_sub(*pdone) as f64 / dt;
+            bar.set_message(format!("{rate:.0} msg/s, {:.2}% ok", t.success_percent()));
+            history.push(HistoryRow {
+                unix: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs_f64())
+                    .unwrap_or(0.0),
+                vehicles: n,
+                rate,
+                failures: t.failed.saturating_sub(*pfailed) as f64 / dt,
+                latency: lat.since(plat).unwrap_or_default(),
+                total: done,
+                failed: t.failed,
+            });
+        }
+        prev = Some((s.elapsed_s, done, t.failed, lat));
         // The run's clock starts a second before its schedules (see Start).
         let measuring = s.elapsed_s >= a.warmup.as_secs_f64() + 1.0;
         if measuring && start.is_none() {
@@ -386,4 +450,101 @@ fn report(a: &RampArgs, steps: &[Step]) -> Value {
         "warmup_s": a.warmup.as_secs_f64(),
         "steps": steps.iter().map(Step::json).collect::<Vec<_>>(),
     })
+}
+
+/// Locust's `_stats_history.csv` columns, one row a second of the ramp.
+fn csv(rows: &[HistoryRow]) -> String {
+    let mut out = String::from(
+        "Timestamp,User Count,Type,Name,Requests/s,Failures/s,50%,66%,75%,80%,90%,95%,98%,99%,99.9%,99.99%,100%,Total Request Count,Total Failure Count\n",
+    );
+    for r in rows {
+        let q = |p: f64| r.latency.quantile_ms(p).round() as u64;
+        out.push_str(&format!(
+            "{},{},POST,ingest,{:.2},{:.2},{},{},{},{},{},{},{},{},{},{},{},{},{}\n",
+            r.unix as u64,
+            r.vehicles,
+            r.rate,
+            r.failures,
+            q(0.5),
+            q(0.66),
+            q(0.75),
+            q(0.8),
+            q(0.9),
+            q(0.95),
+            q(0.98),
+            q(0.99),
+            q(0.999),
+            q(0.9999),
+            r.latency.max_ms().round() as u64,
+            r.total,
+            r.failed
+        ));
+    }
+    out
+}
+
+/// One self-contained HTML file: the summary and three SVG charts with their SLO lines.
+fn html(a: &RampArgs, steps: &[Step], report: &Value) -> String {
+    use vtox::charts::{svg, Chart};
+    let x: Vec<f64> = steps.iter().map(|s| s.vehicles as f64).collect();
+    let charts = [
+        Chart {
+            title: "Throughput: achieved vs expected",
+            y_label: "messages/s",
+            x: &x,
+            series: vec![
+                ("expected", steps.iter().map(|s| s.expected_rate).collect()),
+                ("accepted", steps.iter().map(|s| s.accepted_rate).collect()),
+            ],
+            slo: None,
+        },
+        Chart {
+            title: "Latency percentiles",
+            y_label: "ms",
+            x: &x,
+            series: vec![
+                ("p50", steps.iter().map(|s| s.p50).collect()),
+                ("p95", steps.iter().map(|s| s.p95).collect()),
+                ("p99", steps.iter().map(|s| s.p99).collect()),
+            ],
+            slo: Some(("p95 SLO", a.max_p95.as_secs_f64() * 1e3)),
+        },
+        Chart {
+            title: "Success rate",
+            y_label: "% of requests",
+            x: &x,
+            series: vec![("success", steps.iter().map(|s| s.success).collect())],
+            slo: Some(("success SLO", a.min_success)),
+        },
+    ];
+    let mut body = String::new();
+    for c in &charts {
+        match svg(c) {
+            Ok(s) => body.push_str(&format!("<figure>{s}</figure>\n")),
+            Err(e) => body.push_str(&format!(
+                "<p>chart {:?} could not be drawn: {e}</p>\n",
+                c.title
+            )),
+        }
+    }
+    let summary = serde_json::to_string_pretty(&report["test_summary"]).unwrap_or_default();
+    let recs: String = report["system_recommendations"]
+        .as_array()
+        .map(|l| {
+            l.iter()
+                .filter_map(|r| r.as_str())
+                .map(|r| format!("<li>{}</li>", escape(r)))
+                .collect()
+        })
+        .unwrap_or_default();
+    format!(
+        "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>vtox ramp report</title>\n<style>body{{font-family:sans-serif;max-width:780px;margin:2em auto}}figure{{margin:1em 0}}</style></head>\n<body><h1>vtox ramp report</h1>\n<pre>{}</pre>\n<ul>{recs}</ul>\n{body}</body></html>\n",
+        escape(&summary)
+    )
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }

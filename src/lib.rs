@@ -3,6 +3,7 @@
 //! on its own: callers pass time in, which keeps every piece testable in isolation.
 
 pub mod capacity;
+pub mod charts;
 pub mod duration;
 pub mod faults;
 pub mod fleet;

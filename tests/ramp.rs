@@ -7,6 +7,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 fn ramp(sink: &str, steps: &str, out: &std::path::Path) -> (Option<i32>, serde_json::Value) {
+    let dir = out.parent().expect("a directory");
     let o = Command::new(bin("vtox-coord"))
         .args([
             "ramp",
@@ -24,6 +25,10 @@ fn ramp(sink: &str, steps: &str, out: &std::path::Path) -> (Option<i32>, serde_j
             "--out",
         ])
         .arg(out)
+        .arg("--html")
+        .arg(dir.join("report.html"))
+        .arg("--csv")
+        .arg(dir.join("ramp"))
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .output()

@@ -1,0 +1,103 @@
+//! The ramp report's charts, drawn by plotters as SVG: pure data in, markup out, so that the
+//! HTML report is one self-contained file.
+
+use plotters::prelude::*;
+
+/// One chart: x values (fleet sizes) and named series, with optional horizontal SLO line.
+pub struct Chart<'a> {
+    pub title: &'a str,
+    pub y_label: &'a str,
+    pub x: &'a [f64],
+    pub series: Vec<(&'a str, Vec<f64>)>,
+    pub slo: Option<(&'a str, f64)>,
+}
+
+const COLORS: [RGBColor; 4] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(148, 103, 189),
+];
+
+/// Renders a chart as an SVG document; an error string when plotters cannot draw it.
+pub fn svg(chart: &Chart<'_>) -> Result<String, String> {
+    let mut out = String::new();
+    {
+        let root = SVGBackend::with_string(&mut out, (720, 360)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| e.to_string())?;
+        let x_max = chart.x.iter().copied().fold(1.0, f64::max) * 1.05;
+        let mut y_max = chart
+            .series
+            .iter()
+            .flat_map(|(_, v)| v.iter().copied())
+            .fold(0.0, f64::max);
+        if let Some((_, y)) = chart.slo {
+            y_max = y_max.max(y);
+        }
+        let y_max = if y_max > 0.0 { y_max * 1.1 } else { 1.0 };
+        let mut c = ChartBuilder::on(&root)
+            .caption(chart.title, ("sans-serif", 18))
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(56)
+            .build_cartesian_2d(0.0..x_max, 0.0..y_max)
+            .map_err(|e| e.to_string())?;
+        c.configure_mesh()
+            .x_desc("vehicles")
+            .y_desc(chart.y_label)
+            .draw()
+            .map_err(|e| e.to_string())?;
+        for (i, (name, ys)) in chart.series.iter().enumerate() {
+            let color = COLORS[i % COLORS.len()];
+            let pts: Vec<(f64, f64)> = chart.x.iter().copied().zip(ys.iter().copied()).collect();
+            c.draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
+                .map_err(|e| e.to_string())?
+                .label(*name)
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2))
+                });
+            c.draw_series(pts.into_iter().map(|p| Circle::new(p, 3, color.filled())))
+                .map_err(|e| e.to_string())?;
+        }
+        if let Some((name, y)) = chart.slo {
+            c.draw_series(LineSeries::new(
+                vec![(0.0, y), (x_max, y)],
+                RED.stroke_width(1),
+            ))
+            .map_err(|e| e.to_string())?
+            .label(name)
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], RED));
+        }
+        c.configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| e.to_string())?;
+        root.present().map_err(|e| e.to_string())?;
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn draws_series_and_slo() {
+        let x = [50.0, 100.0, 200.0];
+        let s = svg(&Chart {
+            title: "throughput",
+            y_label: "msg/s",
+            x: &x,
+            series: vec![
+                ("expected", vec![41.0, 83.0, 166.0]),
+                ("achieved", vec![41.0, 83.0, 120.0]),
+            ],
+            slo: Some(("SLO", 150.0)),
+        })
+        .unwrap();
+        assert!(s.starts_with("<svg"));
+        assert!(s.contains("throughput") && s.contains("achieved") && s.contains("SLO"));
+        assert!(s.matches("<circle").count() >= 6);
+    }
+}
