@@ -42,6 +42,9 @@ struct Args {
     /// Link speed in Mbit/s when /sys/class/net does not tell (virtual NICs).
     #[arg(long, value_name = "MBPS")]
     network_mbps: Option<u32>,
+    /// Serve Prometheus metrics of this host's instances at http://ADDR/metrics.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = vtox::process::LogFormat::Text)]
     log_format: vtox::process::LogFormat,
@@ -185,6 +188,9 @@ async fn run(args: Args, url: String, sim_bin: PathBuf) -> Result<()> {
                 };
                 sup_task = Some(tokio::spawn(supervisor::run(cfg, rx)));
                 sup_tx = Some(tx.clone());
+                if let Some(addr) = args.metrics_listen {
+                    serve_metrics(addr, name.clone(), tx.clone()).await?;
+                }
                 tx
             }
         };
@@ -332,6 +338,40 @@ async fn session(
             _ = stop.changed() => return Ok(SessionEnd::Stop),
         }
     }
+}
+
+/// `/metrics` for this host: the supervisor's statuses as Prometheus text.
+async fn serve_metrics(
+    addr: std::net::SocketAddr,
+    name: String,
+    sup: mpsc::Sender<supervisor::Command>,
+) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} for metrics"))?;
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let (name, sup) = (name.clone(), sup.clone());
+            async move {
+                let instances = snapshot(&sup).await.map(|s| s.1).unwrap_or_default();
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4",
+                    )],
+                    vtox::prometheus::agent(&name, &instances),
+                )
+            }
+        }),
+    );
+    tracing::info!("metrics on http://{addr}/metrics");
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!("the metrics server stopped: {e}");
+        }
+    });
+    Ok(())
 }
 
 async fn snapshot(

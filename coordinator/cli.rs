@@ -36,12 +36,51 @@ pub async fn serve(a: ServeArgs) -> Result<()> {
         state_dir: a.state_dir.clone(),
     })
     .map_err(|e| anyhow!(e))?;
+    if let Some(addr) = a.metrics_listen {
+        serve_metrics(addr, {
+            let coord = coord.clone();
+            move || coord.prometheus()
+        })
+        .await?;
+    }
     tracing::info!("coordinator listening on {}", a.listen);
     serve_on(listener, coord, async {
         vtox::process::shutdown_signal().await;
         tracing::info!("stopping");
     })
     .await
+}
+
+/// Serves `render()` as Prometheus text at `/metrics` on `addr`, in the background.
+pub async fn serve_metrics(
+    addr: std::net::SocketAddr,
+    render: impl Fn() -> String + Clone + Send + Sync + 'static,
+) -> Result<()> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} for metrics"))?;
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let render = render.clone();
+            async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4",
+                    )],
+                    render(),
+                )
+            }
+        }),
+    );
+    tracing::info!("metrics on http://{addr}/metrics");
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!("the metrics server stopped: {e}");
+        }
+    });
+    Ok(())
 }
 
 /// Serves the coordinator on a bound listener until `shutdown` resolves.

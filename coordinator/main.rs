@@ -61,6 +61,9 @@ pub struct ServeArgs {
     /// An agent that hears nothing from the coordinator this long stops its simulators.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub lease: Duration,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
     /// Keep the run here (written atomically) so that a restarted coordinator resumes it.
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<std::path::PathBuf>,

@@ -231,6 +231,13 @@ impl Coordinator {
         }
     }
 
+    /// Prometheus text for `--metrics-listen`.
+    pub fn prometheus(&self) -> String {
+        let st = self.lock();
+        let connected = st.agents.values().filter(|a| a.connected()).count();
+        vtox::prometheus::coordinator(&st.status(), connected)
+    }
+
     /// The reconcile loop: each agent gets its desired assignment now when something changed,
     /// and again every heartbeat as its lease renewal.
     pub async fn reconcile_loop(self: Arc<Self>) {

@@ -12,6 +12,7 @@ pub mod ingest;
 pub mod metrics;
 pub mod plan;
 pub mod process;
+pub mod prometheus;
 pub mod rng;
 pub mod schedule;
 pub mod signal;

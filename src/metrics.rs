@@ -68,6 +68,14 @@ impl Latency {
         self.0.value_at_quantile(q) as f64 / 1000.0
     }
 
+    /// How many recorded latencies are at most `us` microseconds (to bucket precision).
+    pub fn count_at_most_us(&self, us: u64) -> u64 {
+        if self.0.is_empty() {
+            return 0;
+        }
+        self.0.count_between(0, us.min(self.0.high()))
+    }
+
     pub fn max_ms(&self) -> f64 {
         if self.0.is_empty() {
             return 0.0;

@@ -349,3 +349,84 @@ async fn impossible_hardware_and_unknown_versions_are_refused() {
     assert!(e.message().contains("protocol 2"), "{}", e.message());
     assert!(client.join(join(good, 1)).await.is_ok());
 }
+
+fn metric_sum(text: &str, name: &str) -> u64 {
+    text.lines()
+        .filter(|l| {
+            l.starts_with(name)
+                && (l.as_bytes().get(name.len()) == Some(&b'{')
+                    || l.as_bytes().get(name.len()) == Some(&b' '))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+#[test]
+fn prometheus_counters_match_status() {
+    let sink = format!("127.0.0.1:{}", free_port());
+    let _sink = Proc::spawn("vtox-sink", &["--listen", &sink]);
+    let coord = format!("127.0.0.1:{}", free_port());
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let agent_metrics = format!("127.0.0.1:{}", free_port());
+    let _coord = Proc::spawn(
+        "vtox-coord",
+        &["serve", "--listen", &coord, "--metrics-listen", &metrics],
+    );
+    wait_listening(&coord, Duration::from_secs(10));
+    wait_listening(&sink, Duration::from_secs(10));
+    let logs = TempDir::new("prom");
+    let _agent = Proc::spawn(
+        "vtox-agent",
+        &[
+            "--join",
+            &coord,
+            "--name",
+            "p",
+            "--log-dir",
+            logs.path(),
+            "--metrics-listen",
+            &agent_metrics,
+        ],
+    );
+    let coord_url = format!("http://{coord}");
+    let out = coord_cmd(&[
+        "run",
+        "30",
+        "--coord",
+        &coord_url,
+        "--target",
+        &format!("http://{sink}"),
+        "--duration",
+        "3s",
+        "--interval",
+        "0.5s",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let (status, text) = http("GET", &metrics, "/metrics", &[], b"").expect("metrics");
+    assert_eq!(status, 200);
+    assert!(text.contains("# TYPE vtox_messages_accepted_total counter"));
+    assert!(text.contains("# TYPE vtox_latency_seconds histogram"));
+    assert_eq!(
+        metric_sum(&text, "vtox_messages_accepted_total"),
+        summary["totals"]["accepted"].as_u64().unwrap_or(0)
+    );
+    assert_eq!(
+        metric_sum(&text, "vtox_messages_sent_total"),
+        summary["totals"]["sent"].as_u64().unwrap_or(0)
+    );
+    assert_eq!(
+        metric_sum(&text, "vtox_latency_seconds_count"),
+        summary["totals"]["accepted"].as_u64().unwrap_or(0)
+    );
+    let (status, agent_text) =
+        http("GET", &agent_metrics, "/metrics", &[], b"").expect("agent metrics");
+    assert_eq!(status, 200);
+    assert!(agent_text.contains("vtox_instances_up"), "{agent_text}");
+    assert!(metric_sum(&agent_text, "vtox_messages_accepted_total") > 0);
+}

@@ -1,0 +1,200 @@
+//! Prometheus text exposition of the coordinator's and an agent's view: message counters per
+//! agent, a latency histogram, and the gauges an operator alerts on.
+
+use crate::metrics::Latency;
+use crate::wire::pb;
+use std::fmt::Write as _;
+
+/// Latency buckets in seconds, as Prometheus users expect them for HTTP APIs.
+const BUCKETS_S: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn counter_family(out: &mut String, name: &str, help: &str, rows: &[(String, u64)]) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+    for (agent, v) in rows {
+        let _ = writeln!(out, "{name}{{agent=\"{}\"}} {v}", label(agent));
+    }
+}
+
+fn gauge(out: &mut String, name: &str, help: &str, v: f64) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+}
+
+fn histogram(out: &mut String, name: &str, latency: &Latency) {
+    let _ = writeln!(
+        out,
+        "# HELP {name} Request latency until the whole answer was read.\n# TYPE {name} histogram"
+    );
+    for b in BUCKETS_S {
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{le=\"{b}\"}} {}",
+            latency.count_at_most_us((b * 1e6) as u64)
+        );
+    }
+    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", latency.count());
+    let _ = writeln!(
+        out,
+        "{name}_sum {}",
+        latency.mean_ms() / 1e3 * latency.count() as f64
+    );
+    let _ = writeln!(out, "{name}_count {}", latency.count());
+}
+
+fn families(out: &mut String, rows: &[(String, pb::Counters)]) {
+    let pick = |f: fn(&pb::Counters) -> u64| {
+        rows.iter()
+            .map(|(a, c)| (a.clone(), f(c)))
+            .collect::<Vec<_>>()
+    };
+    counter_family(
+        out,
+        "vtox_messages_sent_total",
+        "Messages sent (requests started).",
+        &pick(|c| c.sent),
+    );
+    counter_family(
+        out,
+        "vtox_messages_accepted_total",
+        "Messages answered 200.",
+        &pick(|c| c.accepted),
+    );
+    counter_family(
+        out,
+        "vtox_messages_failed_total",
+        "Messages failed (status, timeout or connection).",
+        &pick(|c| c.failed),
+    );
+    counter_family(
+        out,
+        "vtox_messages_dropped_total",
+        "Ticks dropped by the generator (in-flight cap full or too late).",
+        &pick(|c| c.dropped),
+    );
+    counter_family(
+        out,
+        "vtox_bytes_sent_total",
+        "Message body bytes sent.",
+        &pick(|c| c.bytes),
+    );
+}
+
+/// The coordinator's metrics, from its run status and its agent list.
+pub fn coordinator(status: &pb::RunStatus, agents_connected: usize) -> String {
+    let mut out = String::new();
+    let rows: Vec<(String, pb::Counters)> = status
+        .agents
+        .iter()
+        .map(|a| (a.agent.clone(), a.totals.clone().unwrap_or_default()))
+        .collect();
+    families(&mut out, &rows);
+    let latency = status
+        .totals
+        .as_ref()
+        .and_then(|t| Latency::from_bytes(&t.latency_hdr).ok())
+        .unwrap_or_default();
+    histogram(&mut out, "vtox_latency_seconds", &latency);
+    gauge(
+        &mut out,
+        "vtox_agents_up",
+        "Agents connected.",
+        agents_connected as f64,
+    );
+    let up: u32 = status.agents.iter().map(|a| a.instances_running).sum();
+    gauge(
+        &mut out,
+        "vtox_instances_up",
+        "Simulator instances running.",
+        f64::from(up),
+    );
+    gauge(
+        &mut out,
+        "vtox_plan_vehicles",
+        "Vehicles in the current plan.",
+        status.vehicles as f64,
+    );
+    gauge(
+        &mut out,
+        "vtox_unassigned_vehicles",
+        "Planned vehicles no connected agent drives.",
+        status.unassigned_vehicles as f64,
+    );
+    out
+}
+
+/// One agent's metrics, from its instances' statuses.
+pub fn agent(name: &str, instances: &[pb::InstanceStatus]) -> String {
+    let mut total = pb::Counters::default();
+    let mut latency = Latency::new();
+    for i in instances {
+        if let Some(c) = &i.counters {
+            total.add(c);
+            if let Ok(l) = Latency::from_bytes(&c.latency_hdr) {
+                let _ = latency.merge(&l);
+            }
+        }
+    }
+    let mut out = String::new();
+    families(&mut out, &[(name.to_string(), total)]);
+    histogram(&mut out, "vtox_latency_seconds", &latency);
+    let up = instances
+        .iter()
+        .filter(|i| i.phase == pb::Phase::Running as i32)
+        .count();
+    gauge(
+        &mut out,
+        "vtox_instances_up",
+        "Simulator instances running.",
+        up as f64,
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_format() {
+        let mut l = Latency::new();
+        for us in [500, 2_000, 40_000] {
+            l.record_us(us);
+        }
+        let c = pb::Counters {
+            sent: 3,
+            accepted: 3,
+            latency_hdr: l.to_bytes(),
+            ..Default::default()
+        };
+        let s = pb::RunStatus {
+            vehicles: 10,
+            agents: vec![pb::AgentStatus {
+                agent: "a\"b".into(),
+                instances_running: 2,
+                totals: Some(c.clone()),
+                ..Default::default()
+            }],
+            totals: Some(c),
+            ..Default::default()
+        };
+        let text = coordinator(&s, 1);
+        assert!(
+            text.contains("vtox_messages_accepted_total{agent=\"a\\\"b\"} 3"),
+            "{text}"
+        );
+        assert!(text.contains("vtox_latency_seconds_bucket{le=\"0.001\"} 1"));
+        assert!(text.contains("vtox_latency_seconds_bucket{le=\"0.0025\"} 2"));
+        assert!(text.contains("vtox_latency_seconds_bucket{le=\"+Inf\"} 3"));
+        assert!(text.contains("vtox_instances_up 2") && text.contains("vtox_plan_vehicles 10"));
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            assert_eq!(line.split(' ').count(), 2, "{line}");
+        }
+    }
+}
