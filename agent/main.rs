@@ -42,6 +42,9 @@ struct Args {
     /// Link speed in Mbit/s when /sys/class/net does not tell (virtual NICs).
     #[arg(long, value_name = "MBPS")]
     network_mbps: Option<u32>,
+    /// File holding the coordinator's shared token (or VTOX_TOKEN).
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
     /// Serve Prometheus metrics of this host's instances at http://ADDR/metrics.
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<std::net::SocketAddr>,
@@ -114,6 +117,8 @@ fn default_sim_bin() -> Result<PathBuf> {
 }
 
 async fn run(args: Args, url: String, sim_bin: PathBuf) -> Result<()> {
+    let token = vtox::auth::load(args.token_file.as_deref(), std::env::var("VTOX_TOKEN").ok())?;
+    let bearer = vtox::auth::Bearer::new(token.as_deref())?;
     std::fs::create_dir_all(&args.log_dir)
         .with_context(|| format!("cannot create the log directory {}", args.log_dir.display()))?;
     let name = match args.name.clone() {
@@ -147,7 +152,7 @@ async fn run(args: Args, url: String, sim_bin: PathBuf) -> Result<()> {
     let mut backoff = Duration::from_millis(250);
     loop {
         let joined = tokio::select! {
-            r = join(&url, &name, &hardware, args.max_vehicles) => r,
+            r = join(&url, &name, &hardware, args.max_vehicles, &bearer) => r,
             _ = stop_rx.changed() => break,
         };
         let (client, reply) = match joined {
@@ -241,6 +246,10 @@ fn jittered(d: Duration) -> Duration {
     d.mul_f64(f)
 }
 
+type Client = AgentServiceClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, vtox::auth::Bearer>,
+>;
+
 enum JoinError {
     Refused(tonic::Status),
     Unreachable(String),
@@ -251,13 +260,8 @@ async fn join(
     name: &str,
     hardware: &pb::Hardware,
     max_vehicles: Option<u64>,
-) -> Result<
-    (
-        AgentServiceClient<tonic::transport::Channel>,
-        pb::JoinResponse,
-    ),
-    JoinError,
-> {
+    bearer: &vtox::auth::Bearer,
+) -> Result<(Client, pb::JoinResponse), JoinError> {
     let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
         .map_err(|e| JoinError::Unreachable(e.to_string()))?
         .connect_timeout(Duration::from_secs(5));
@@ -265,7 +269,7 @@ async fn join(
         .connect()
         .await
         .map_err(|e| JoinError::Unreachable(e.to_string()))?;
-    let mut client = AgentServiceClient::new(channel);
+    let mut client = AgentServiceClient::with_interceptor(channel, bearer.clone());
     let req = pb::JoinRequest {
         name: name.to_string(),
         hardware: Some(hardware.clone()),
@@ -292,7 +296,7 @@ enum SessionEnd {
 }
 
 async fn session(
-    mut client: AgentServiceClient<tonic::transport::Channel>,
+    mut client: Client,
     agent_id: &str,
     sup: mpsc::Sender<supervisor::Command>,
     heartbeat: Duration,

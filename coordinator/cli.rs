@@ -25,7 +25,24 @@ use vtox::wire::pb::{
     self, agent_service_server::AgentServiceServer, control_service_client::ControlServiceClient,
 };
 
+/// The shared token of this invocation (`--token-file` or `VTOX_TOKEN`), set once by main.
+pub static TOKEN: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+
+fn token() -> Option<&'static str> {
+    TOKEN.get().and_then(|t| t.as_deref())
+}
+
+pub type ControlClient = ControlServiceClient<
+    tonic::service::interceptor::InterceptedService<Channel, vtox::auth::Bearer>,
+>;
+
 pub async fn serve(a: ServeArgs) -> Result<()> {
+    if !a.listen.ip().is_loopback() && token().is_none() && !a.insecure {
+        bail!(
+            "refusing to listen on {} without a token: anyone who reaches it could join or drive the fleet; pass --token-file (or VTOX_TOKEN), or --insecure",
+            a.listen
+        );
+    }
     let listener = TcpListener::bind(a.listen)
         .await
         .with_context(|| format!("cannot listen on {}", a.listen))?;
@@ -44,10 +61,15 @@ pub async fn serve(a: ServeArgs) -> Result<()> {
         .await?;
     }
     tracing::info!("coordinator listening on {}", a.listen);
-    serve_on(listener, coord, async {
-        vtox::process::shutdown_signal().await;
-        tracing::info!("stopping");
-    })
+    serve_on(
+        listener,
+        coord,
+        vtox::auth::Check::new(token().map(String::from)),
+        async {
+            vtox::process::shutdown_signal().await;
+            tracing::info!("stopping");
+        },
+    )
     .await
 }
 
@@ -87,6 +109,7 @@ pub async fn serve_metrics(
 pub async fn serve_on(
     listener: TcpListener,
     coord: Arc<Coordinator>,
+    check: vtox::auth::Check,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<()> {
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -97,8 +120,14 @@ pub async fn serve_on(
     let reconcile = tokio::spawn(coord.clone().reconcile_loop());
     let result = Server::builder()
         .add_service(health)
-        .add_service(AgentServiceServer::new(AgentApi(coord.clone())))
-        .add_service(ControlServiceServer::new(ControlApi(coord)))
+        .add_service(AgentServiceServer::with_interceptor(
+            AgentApi(coord.clone()),
+            check.clone(),
+        ))
+        .add_service(ControlServiceServer::with_interceptor(
+            ControlApi(coord),
+            check,
+        ))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await;
     reconcile.abort();
@@ -113,7 +142,7 @@ fn normalize(url: &str) -> String {
     }
 }
 
-pub async fn connect(url: &str) -> Result<ControlServiceClient<Channel>> {
+pub async fn connect(url: &str) -> Result<ControlClient> {
     let url = normalize(url);
     let endpoint = Endpoint::from_shared(url.clone())
         .map_err(|_| anyhow!("{url:?} is not a coordinator address (HOST:PORT)"))?
@@ -122,7 +151,8 @@ pub async fn connect(url: &str) -> Result<ControlServiceClient<Channel>> {
         .connect()
         .await
         .map_err(|e| anyhow!("cannot reach the coordinator at {url}: {}", root_cause(&e)))?;
-    Ok(ControlServiceClient::new(channel))
+    let bearer = vtox::auth::Bearer::new(token()).map_err(|e| anyhow!("token: {e}"))?;
+    Ok(ControlServiceClient::with_interceptor(channel, bearer))
 }
 
 fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {

@@ -55,9 +55,14 @@ pub async fn start(target: Option<String>) -> Result<LocalCluster> {
     })
     .map_err(|e| anyhow::anyhow!(e))?;
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let server = tokio::spawn(crate::cli::serve_on(listener, coord, async {
-        let _ = stop_rx.await;
-    }));
+    let server = tokio::spawn(crate::cli::serve_on(
+        listener,
+        coord,
+        vtox::auth::Check::default(),
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
     let mut cluster = LocalCluster {
         coord_url: format!("http://{addr}"),
         target: String::new(),

@@ -25,6 +25,9 @@ use vtox::duration::parse_duration;
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// File holding the shared token that agents and the CLI must present (or VTOX_TOKEN).
+    #[arg(long, global = true, value_name = "FILE")]
+    token_file: Option<std::path::PathBuf>,
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = vtox::process::LogFormat::Text, global = true)]
     log_format: vtox::process::LogFormat,
@@ -64,6 +67,9 @@ pub struct ServeArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Listen on a non-loopback address without a token (anyone who reaches it can join).
+    #[arg(long)]
+    pub insecure: bool,
     /// Keep the run here (written atomically) so that a restarted coordinator resumes it.
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<std::path::PathBuf>,
@@ -212,6 +218,16 @@ fn main() -> ExitCode {
         "warn"
     };
     vtox::process::init_logs(cli.log_format, default_level);
+    // Never echoed: neither in logs nor in --help (the env value is hidden).
+    match vtox::auth::load(cli.token_file.as_deref(), std::env::var("VTOX_TOKEN").ok()) {
+        Ok(t) => {
+            let _ = cli::TOKEN.set(t);
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

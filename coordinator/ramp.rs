@@ -242,7 +242,7 @@ async fn run_steps(
 
 async fn run_step(
     a: &RampArgs,
-    client: &mut pb::control_service_client::ControlServiceClient<tonic::transport::Channel>,
+    client: &mut crate::cli::ControlClient,
     target: &str,
     n: u64,
     history: &mut Vec<HistoryRow>,

@@ -2,6 +2,7 @@
 //! metrics, ingest contract). Nothing here opens a socket, spawns a process or reads a clock
 //! on its own: callers pass time in, which keeps every piece testable in isolation.
 
+pub mod auth;
 pub mod capacity;
 pub mod charts;
 pub mod duration;

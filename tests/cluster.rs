@@ -430,3 +430,86 @@ fn prometheus_counters_match_status() {
     assert!(agent_text.contains("vtox_instances_up"), "{agent_text}");
     assert!(metric_sum(&agent_text, "vtox_messages_accepted_total") > 0);
 }
+
+#[test]
+fn only_holders_of_the_token_join_or_drive() {
+    let dir = TempDir::new("token");
+    let token = dir.0.join("token");
+    std::fs::write(&token, "s3cret-token\n").expect("token file");
+    let wrong = dir.0.join("wrong");
+    std::fs::write(&wrong, "guess\n").expect("wrong token file");
+    let (token, wrong) = (
+        token.to_str().unwrap_or_default(),
+        wrong.to_str().unwrap_or_default(),
+    );
+    let coord = format!("127.0.0.1:{}", free_port());
+    let _coord = Proc::spawn(
+        "vtox-coord",
+        &["serve", "--listen", &coord, "--token-file", token],
+    );
+    wait_listening(&coord, Duration::from_secs(10));
+    let url = format!("http://{coord}");
+
+    // Agents without the token, or with a wrong one, are refused and say why.
+    for args in [
+        vec!["--join", &coord, "--name", "x", "--log-dir", dir.path()],
+        vec![
+            "--join",
+            &coord,
+            "--name",
+            "x",
+            "--log-dir",
+            dir.path(),
+            "--token-file",
+            wrong,
+        ],
+    ] {
+        let out = Command::new(bin("vtox-agent"))
+            .args(&args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("agent");
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("token") && !err.contains("s3cret"), "{err}");
+    }
+    // The CLI likewise; nothing joined.
+    let out = coord_cmd(&["agents", "--coord", &url, "--json"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missing or wrong token"));
+    let out = coord_cmd(&["agents", "--coord", &url, "--json", "--token-file", token]);
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["agents"].as_array().map(|l| l.len()), Some(0));
+    // With the token an agent joins.
+    let _a = Proc::spawn(
+        "vtox-agent",
+        &[
+            "--join",
+            &coord,
+            "--name",
+            "ok",
+            "--log-dir",
+            dir.path(),
+            "--token-file",
+            token,
+        ],
+    );
+    wait_for("the agent with the token", Duration::from_secs(15), || {
+        let out = coord_cmd(&["agents", "--coord", &url, "--json", "--token-file", token]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        (v["agents"][0]["connected"] == true).then_some(())
+    });
+
+    // Listening beyond loopback without a token is refused unless --insecure.
+    let out = coord_cmd(&["serve", "--listen", "0.0.0.0:0"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--insecure"));
+    // The token never shows in --help, even when it comes from the environment.
+    let out = Command::new(bin("vtox-coord"))
+        .args(["serve", "--help"])
+        .env("VTOX_TOKEN", "s3cret-token")
+        .output()
+        .expect("help");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("s3cret"));
+}
