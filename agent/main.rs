@@ -42,6 +42,15 @@ struct Args {
     /// Link speed in Mbit/s when /sys/class/net does not tell (virtual NICs).
     #[arg(long, value_name = "MBPS")]
     network_mbps: Option<u32>,
+    /// The CA that signed the coordinator's certificate: join over TLS (PEM).
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// This agent's certificate for mutual TLS (PEM; with --tls-key and --tls-ca).
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
     /// File holding the coordinator's shared token (or VTOX_TOKEN).
     #[arg(long, value_name = "FILE")]
     token_file: Option<PathBuf>,
@@ -119,6 +128,15 @@ fn default_sim_bin() -> Result<PathBuf> {
 async fn run(args: Args, url: String, sim_bin: PathBuf) -> Result<()> {
     let token = vtox::auth::load(args.token_file.as_deref(), std::env::var("VTOX_TOKEN").ok())?;
     let bearer = vtox::auth::Bearer::new(token.as_deref())?;
+    let tls = vtox::auth::client_tls(
+        args.tls_ca.as_deref(),
+        args.tls_cert.as_deref(),
+        args.tls_key.as_deref(),
+    )?;
+    let url = match (&tls, url.split_once("://")) {
+        (Some(_), Some((_, rest))) => format!("https://{rest}"),
+        _ => url,
+    };
     std::fs::create_dir_all(&args.log_dir)
         .with_context(|| format!("cannot create the log directory {}", args.log_dir.display()))?;
     let name = match args.name.clone() {
@@ -152,7 +170,7 @@ async fn run(args: Args, url: String, sim_bin: PathBuf) -> Result<()> {
     let mut backoff = Duration::from_millis(250);
     loop {
         let joined = tokio::select! {
-            r = join(&url, &name, &hardware, args.max_vehicles, &bearer) => r,
+            r = join(&url, &name, &hardware, args.max_vehicles, &bearer, tls.clone()) => r,
             _ = stop_rx.changed() => break,
         };
         let (client, reply) = match joined {
@@ -261,10 +279,17 @@ async fn join(
     hardware: &pb::Hardware,
     max_vehicles: Option<u64>,
     bearer: &vtox::auth::Bearer,
+    tls: Option<tonic::transport::ClientTlsConfig>,
 ) -> Result<(Client, pb::JoinResponse), JoinError> {
     let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
         .map_err(|e| JoinError::Unreachable(e.to_string()))?
         .connect_timeout(Duration::from_secs(5));
+    let endpoint = match tls {
+        Some(t) => endpoint
+            .tls_config(t)
+            .map_err(|e| JoinError::Unreachable(e.to_string()))?,
+        None => endpoint,
+    };
     let channel = endpoint
         .connect()
         .await

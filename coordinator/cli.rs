@@ -28,6 +28,12 @@ use vtox::wire::pb::{
 /// The shared token of this invocation (`--token-file` or `VTOX_TOKEN`), set once by main.
 pub static TOKEN: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
 
+/// TLS of this invocation: the server's for `serve`, the client's for the other commands.
+pub static SERVER_TLS: std::sync::OnceLock<Option<tonic::transport::ServerTlsConfig>> =
+    std::sync::OnceLock::new();
+pub static CLIENT_TLS: std::sync::OnceLock<Option<tonic::transport::ClientTlsConfig>> =
+    std::sync::OnceLock::new();
+
 fn token() -> Option<&'static str> {
     TOKEN.get().and_then(|t| t.as_deref())
 }
@@ -65,6 +71,7 @@ pub async fn serve(a: ServeArgs) -> Result<()> {
         listener,
         coord,
         vtox::auth::Check::new(token().map(String::from)),
+        SERVER_TLS.get().cloned().flatten(),
         async {
             vtox::process::shutdown_signal().await;
             tracing::info!("stopping");
@@ -110,6 +117,7 @@ pub async fn serve_on(
     listener: TcpListener,
     coord: Arc<Coordinator>,
     check: vtox::auth::Check,
+    tls: Option<tonic::transport::ServerTlsConfig>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<()> {
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -118,7 +126,13 @@ pub async fn serve_on(
         .set_serving::<ControlServiceServer<ControlApi>>()
         .await;
     let reconcile = tokio::spawn(coord.clone().reconcile_loop());
-    let result = Server::builder()
+    let mut builder = Server::builder();
+    if let Some(tls) = tls {
+        builder = builder
+            .tls_config(tls)
+            .context("the TLS certificate or key is not usable")?;
+    }
+    let result = builder
         .add_service(health)
         .add_service(AgentServiceServer::with_interceptor(
             AgentApi(coord.clone()),
@@ -135,10 +149,13 @@ pub async fn serve_on(
 }
 
 fn normalize(url: &str) -> String {
-    if url.contains("://") {
-        url.to_string()
-    } else {
-        format!("http://{url}")
+    let tls = CLIENT_TLS.get().is_some_and(Option::is_some);
+    match url.split_once("://") {
+        // With TLS configured, the scheme follows it, whatever was typed.
+        Some((_, rest)) if tls => format!("https://{rest}"),
+        Some(_) => url.to_string(),
+        None if tls => format!("https://{url}"),
+        None => format!("http://{url}"),
     }
 }
 
@@ -147,6 +164,10 @@ pub async fn connect(url: &str) -> Result<ControlClient> {
     let endpoint = Endpoint::from_shared(url.clone())
         .map_err(|_| anyhow!("{url:?} is not a coordinator address (HOST:PORT)"))?
         .connect_timeout(Duration::from_secs(3));
+    let endpoint = match CLIENT_TLS.get().cloned().flatten() {
+        Some(tls) => endpoint.tls_config(tls).map_err(|e| anyhow!("TLS: {e}"))?,
+        None => endpoint,
+    };
     let channel = endpoint
         .connect()
         .await
@@ -164,7 +185,15 @@ fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
 }
 
 pub(crate) fn status_error(s: tonic::Status) -> anyhow::Error {
-    anyhow!("{}", s.message())
+    use tonic::Code;
+    match s.code() {
+        // Transport failures surface as these codes with protocol jargon; say what to check.
+        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::Internal => anyhow!(
+            "the coordinator did not answer properly ({}): is it running, and if it uses TLS, did you pass --tls-ca?",
+            s.message()
+        ),
+        _ => anyhow!("{}", s.message()),
+    }
 }
 
 pub(crate) fn params_of(n: u64, load: &LoadArgs) -> pb::PlanParams {

@@ -59,6 +59,7 @@ pub async fn start(target: Option<String>) -> Result<LocalCluster> {
         listener,
         coord,
         vtox::auth::Check::default(),
+        None,
         async {
             let _ = stop_rx.await;
         },

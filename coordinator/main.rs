@@ -25,6 +25,16 @@ use vtox::duration::parse_duration;
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// This process's TLS certificate (PEM): the server's for `serve`, the client's (mutual
+    /// TLS) for the other commands.
+    #[arg(long, global = true, value_name = "FILE")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, global = true, value_name = "FILE")]
+    tls_key: Option<std::path::PathBuf>,
+    /// The CA that signed the coordinator's certificate: talk to it over TLS (PEM).
+    #[arg(long, global = true, value_name = "FILE")]
+    tls_ca: Option<std::path::PathBuf>,
     /// File holding the shared token that agents and the CLI must present (or VTOX_TOKEN).
     #[arg(long, global = true, value_name = "FILE")]
     token_file: Option<std::path::PathBuf>,
@@ -67,6 +77,9 @@ pub struct ServeArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Require client certificates signed by this CA (mutual TLS; PEM).
+    #[arg(long, value_name = "FILE")]
+    pub tls_client_ca: Option<std::path::PathBuf>,
     /// Listen on a non-loopback address without a token (anyone who reaches it can join).
     #[arg(long)]
     pub insecure: bool,
@@ -227,6 +240,24 @@ fn main() -> ExitCode {
             eprintln!("error: {e}");
             return ExitCode::from(2);
         }
+    }
+    let tls = match &cli.cmd {
+        Cmd::Serve(a) => vtox::auth::server_tls(
+            cli.tls_cert.as_deref(),
+            cli.tls_key.as_deref(),
+            a.tls_client_ca.as_deref(),
+        )
+        .map(|t| cli::SERVER_TLS.set(t).is_ok()),
+        _ => vtox::auth::client_tls(
+            cli.tls_ca.as_deref(),
+            cli.tls_cert.as_deref(),
+            cli.tls_key.as_deref(),
+        )
+        .map(|t| cli::CLIENT_TLS.set(t).is_ok()),
+    };
+    if let Err(e) = tls {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -143,3 +143,74 @@ mod tests {
         ));
     }
 }
+
+/// TLS for the clients (agents and the CLI): the CA that signed the coordinator's certificate,
+/// and for mutual TLS this process's own certificate and key. PEM files.
+pub fn client_tls(
+    ca: Option<&Path>,
+    cert: Option<&Path>,
+    key: Option<&Path>,
+) -> Result<Option<tonic::transport::ClientTlsConfig>, TlsError> {
+    let Some(ca) = ca else {
+        if cert.is_some() || key.is_some() {
+            return Err(TlsError::Incomplete(
+                "--tls-cert/--tls-key need --tls-ca on a client",
+            ));
+        }
+        return Ok(None);
+    };
+    let mut cfg = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(read(ca)?));
+    match (cert, key) {
+        (Some(c), Some(k)) => {
+            cfg = cfg.identity(tonic::transport::Identity::from_pem(read(c)?, read(k)?))
+        }
+        (None, None) => {}
+        _ => return Err(TlsError::Incomplete("--tls-cert and --tls-key go together")),
+    }
+    Ok(Some(cfg))
+}
+
+/// TLS for the coordinator: its certificate and key, and for mutual TLS the CA that client
+/// certificates must chain to.
+pub fn server_tls(
+    cert: Option<&Path>,
+    key: Option<&Path>,
+    client_ca: Option<&Path>,
+) -> Result<Option<tonic::transport::ServerTlsConfig>, TlsError> {
+    let (cert, key) = match (cert, key) {
+        (Some(c), Some(k)) => (c, k),
+        (None, None) if client_ca.is_none() => return Ok(None),
+        (None, None) => {
+            return Err(TlsError::Incomplete(
+                "--tls-client-ca needs --tls-cert and --tls-key",
+            ))
+        }
+        _ => return Err(TlsError::Incomplete("--tls-cert and --tls-key go together")),
+    };
+    let mut cfg = tonic::transport::ServerTlsConfig::new().identity(
+        tonic::transport::Identity::from_pem(read(cert)?, read(key)?),
+    );
+    if let Some(ca) = client_ca {
+        cfg = cfg.client_ca_root(tonic::transport::Certificate::from_pem(read(ca)?));
+    }
+    Ok(Some(cfg))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Incomplete(&'static str),
+}
+
+fn read(p: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(p).map_err(|source| TlsError::Read {
+        path: p.display().to_string(),
+        source,
+    })
+}

@@ -513,3 +513,166 @@ fn only_holders_of_the_token_join_or_drive() {
         .expect("help");
     assert!(!String::from_utf8_lossy(&out.stdout).contains("s3cret"));
 }
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, made with openssl.
+fn make_certs(dir: &std::path::Path) -> Result<(), String> {
+    let run = |args: &[&str]| -> Result<(), String> {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=vtox-test-ca",
+    ])?;
+    for (name, cn, usage) in [
+        ("server", "127.0.0.1", "serverAuth"),
+        ("client", "agent", "clientAuth"),
+    ] {
+        std::fs::write(
+            dir.join(format!("{name}.ext")),
+            format!("subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage={usage}\n"),
+        )
+        .map_err(|e| e.to_string())?;
+        run(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.csr"),
+            "-subj",
+            &format!("/CN={cn}"),
+        ])?;
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &format!("{name}.pem"),
+            "-days",
+            "2",
+            "-extfile",
+            &format!("{name}.ext"),
+        ])?;
+    }
+    Ok(())
+}
+
+#[test]
+fn mutual_tls_admits_only_certified_agents() {
+    let dir = TempDir::new("tls");
+    if let Err(e) = make_certs(&dir.0) {
+        eprintln!("SKIPPED: cannot make test certificates with openssl: {e}");
+        return;
+    }
+    let f = |n: &str| dir.0.join(n).to_string_lossy().into_owned();
+    let coord = format!("127.0.0.1:{}", free_port());
+    let _coord = Proc::spawn(
+        "vtox-coord",
+        &[
+            "serve",
+            "--listen",
+            &coord,
+            "--tls-cert",
+            &f("server.pem"),
+            "--tls-key",
+            &f("server.key"),
+            "--tls-client-ca",
+            &f("ca.pem"),
+        ],
+    );
+    wait_listening(&coord, Duration::from_secs(10));
+    // A certified agent joins over TLS.
+    let _good = Proc::spawn(
+        "vtox-agent",
+        &[
+            "--join",
+            &coord,
+            "--name",
+            "certified",
+            "--log-dir",
+            dir.path(),
+            "--tls-ca",
+            &f("ca.pem"),
+            "--tls-cert",
+            &f("client.pem"),
+            "--tls-key",
+            &f("client.key"),
+        ],
+    );
+    // One without a client certificate does not get in.
+    let _bad = Proc::spawn(
+        "vtox-agent",
+        &[
+            "--join",
+            &coord,
+            "--name",
+            "uncertified",
+            "--log-dir",
+            dir.path(),
+            "--tls-ca",
+            &f("ca.pem"),
+        ],
+    );
+    let tls_cli = [
+        "--tls-ca",
+        &f("ca.pem"),
+        "--tls-cert",
+        &f("client.pem"),
+        "--tls-key",
+        &f("client.key"),
+    ];
+    let list = || -> Option<serde_json::Value> {
+        let mut args = vec!["agents", "--coord", coord.as_str(), "--json"];
+        args.extend(tls_cli);
+        let out = coord_cmd(&args);
+        serde_json::from_slice(&out.stdout).ok()
+    };
+    wait_for("the certified agent", Duration::from_secs(20), || {
+        (list()?["agents"][0]["name"] == "certified").then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let names: Vec<String> = list()
+        .and_then(|v| v["agents"].as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|a| a["name"].as_str().map(String::from))
+        .collect();
+    assert_eq!(names, vec!["certified".to_string()]);
+    // A plaintext client fails cleanly, with a hint.
+    let out = coord_cmd(&["agents", "--coord", &coord]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--tls-ca") && !err.contains("panicked"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
