@@ -306,7 +306,10 @@ async fn join(
         Err(s)
             if matches!(
                 s.code(),
-                tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Internal
+                tonic::Code::Unavailable
+                    | tonic::Code::Unknown
+                    | tonic::Code::Internal
+                    | tonic::Code::ResourceExhausted
             ) =>
         {
             Err(JoinError::Unreachable(s.message().to_string()))

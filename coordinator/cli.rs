@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint, Server};
 use vtox::capacity;
 use vtox::fleet::vehicle_id;
@@ -57,6 +58,8 @@ pub async fn serve(a: ServeArgs) -> Result<()> {
         heartbeat: a.heartbeat,
         grace: a.grace,
         state_dir: a.state_dir.clone(),
+        max_agents: a.max_agents,
+        max_join_rate: a.max_join_rate,
     })
     .map_err(|e| anyhow!(e))?;
     if let Some(addr) = a.metrics_listen {
@@ -72,6 +75,7 @@ pub async fn serve(a: ServeArgs) -> Result<()> {
         coord,
         vtox::auth::Check::new(token().map(String::from)),
         SERVER_TLS.get().cloned().flatten(),
+        a.max_message_bytes,
         async {
             vtox::process::shutdown_signal().await;
             tracing::info!("stopping");
@@ -118,6 +122,7 @@ pub async fn serve_on(
     coord: Arc<Coordinator>,
     check: vtox::auth::Check,
     tls: Option<tonic::transport::ServerTlsConfig>,
+    max_message_bytes: usize,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<()> {
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -134,12 +139,14 @@ pub async fn serve_on(
     }
     let result = builder
         .add_service(health)
-        .add_service(AgentServiceServer::with_interceptor(
-            AgentApi(coord.clone()),
+        .add_service(InterceptedService::new(
+            AgentServiceServer::new(AgentApi(coord.clone()))
+                .max_decoding_message_size(max_message_bytes),
             check.clone(),
         ))
-        .add_service(ControlServiceServer::with_interceptor(
-            ControlApi(coord),
+        .add_service(InterceptedService::new(
+            ControlServiceServer::new(ControlApi(coord))
+                .max_decoding_message_size(max_message_bytes),
             check,
         ))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)

@@ -52,6 +52,8 @@ pub async fn start(target: Option<String>) -> Result<LocalCluster> {
         heartbeat: Duration::from_secs(1),
         grace: Duration::from_secs(3),
         state_dir: None,
+        max_agents: 16,
+        max_join_rate: 100,
     })
     .map_err(|e| anyhow::anyhow!(e))?;
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
@@ -60,6 +62,7 @@ pub async fn start(target: Option<String>) -> Result<LocalCluster> {
         coord,
         vtox::auth::Check::default(),
         None,
+        4 << 20,
         async {
             let _ = stop_rx.await;
         },

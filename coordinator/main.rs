@@ -77,6 +77,15 @@ pub struct ServeArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Most agents that may join.
+    #[arg(long, default_value_t = 10_000)]
+    pub max_agents: usize,
+    /// Most joins accepted per second (a flood gets "resource exhausted" and retries later).
+    #[arg(long, default_value_t = 100)]
+    pub max_join_rate: u32,
+    /// Largest gRPC message accepted, in bytes.
+    #[arg(long, default_value_t = 4 << 20)]
+    pub max_message_bytes: usize,
     /// Require client certificates signed by this CA (mutual TLS; PEM).
     #[arg(long, value_name = "FILE")]
     pub tls_client_ca: Option<std::path::PathBuf>,

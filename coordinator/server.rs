@@ -30,6 +30,10 @@ pub struct Settings {
     pub grace: Duration,
     /// Where the run is kept across restarts (None: in memory only).
     pub state_dir: Option<std::path::PathBuf>,
+    /// Most agents that may join.
+    pub max_agents: usize,
+    /// Most joins accepted per second, whoever sends them.
+    pub max_join_rate: u32,
 }
 
 struct AgentEntry {
@@ -122,6 +126,8 @@ struct State {
     /// When this coordinator started: an agent it has not heard from yet only counts as lost
     /// once it had a whole lease and grace to reconnect.
     born: Option<Instant>,
+    /// Joins in the current second: (second since `born`, count).
+    joins: (u64, u32),
 }
 
 pub struct Coordinator {
@@ -783,6 +789,23 @@ impl pb::agent_service_server::AgentService for AgentApi {
         }
         let c = &self.0;
         let mut st = c.lock();
+        let second = st.born.map(|b| b.elapsed().as_secs()).unwrap_or(0);
+        if st.joins.0 != second {
+            st.joins = (second, 0);
+        }
+        st.joins.1 += 1;
+        if st.joins.1 > c.settings.max_join_rate {
+            return Err(Status::resource_exhausted(format!(
+                "more than {} joins this second; retry shortly",
+                c.settings.max_join_rate
+            )));
+        }
+        if !st.agents.contains_key(&name) && st.agents.len() >= c.settings.max_agents {
+            return Err(Status::resource_exhausted(format!(
+                "this coordinator takes at most {} agents (--max-agents)",
+                c.settings.max_agents
+            )));
+        }
         if let Some(existing) = st.agents.get(&name) {
             // A name held by a silent session (its process died without the connection
             // closing, or froze) may be taken over once that session outlived its lease.

@@ -676,3 +676,78 @@ fn mutual_tls_admits_only_certified_agents() {
     );
     assert_eq!(err.lines().count(), 1, "{err}");
 }
+
+#[tokio::test]
+async fn limits_hold_without_disturbing_joined_agents() {
+    use vtox::wire::pb;
+    let addr = format!("127.0.0.1:{}", free_port());
+    let _coord = Proc::spawn(
+        "vtox-coord",
+        &[
+            "serve",
+            "--listen",
+            &addr,
+            "--max-agents",
+            "3",
+            "--max-join-rate",
+            "20",
+            "--max-message-bytes",
+            "65536",
+        ],
+    );
+    wait_listening(&addr, Duration::from_secs(10));
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    let mut client = pb::agent_service_client::AgentServiceClient::new(channel.clone());
+    let hw = pb::Hardware {
+        logical_cores: 2,
+        memory_total_bytes: 1 << 30,
+        ..Default::default()
+    };
+    let join = |name: String, hw: pb::Hardware| pb::JoinRequest {
+        name,
+        hardware: Some(hw),
+        max_vehicles: 0,
+        protocol_major: 1,
+    };
+    // A flood of joins from one client: the rate limit answers "resource exhausted".
+    let mut limited = 0;
+    for i in 0..60 {
+        if let Err(e) = client
+            .join(join(format!("flood-{}", i % 2), hw.clone()))
+            .await
+        {
+            assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+            limited += 1;
+        }
+    }
+    assert!(limited >= 30, "{limited} of 60 joins were limited");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // At most 3 agents: a third name fits, a fourth does not.
+    assert!(client.join(join("third".into(), hw.clone())).await.is_ok());
+    let e = client
+        .join(join("fourth".into(), hw.clone()))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+    assert!(e.message().contains("--max-agents"));
+    // An oversized message is refused with a clear status.
+    let big = pb::Hardware {
+        hostname: "x".repeat(100_000),
+        ..hw.clone()
+    };
+    let e = client.join(join("third".into(), big)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::OutOfRange, "{e:?}");
+    // And the coordinator still answers, with the agents it has.
+    let mut control = pb::control_service_client::ControlServiceClient::new(channel);
+    let agents = control
+        .list_agents(pb::ListAgentsRequest {})
+        .await
+        .expect("list")
+        .into_inner()
+        .agents;
+    assert_eq!(agents.len(), 3);
+}
