@@ -724,3 +724,49 @@ fn rebalance_moves_instances_to_a_new_agent_without_conflicts() {
     c.all_sending_again(Duration::from_secs(15));
     c.assert_no_conflicts();
 }
+
+#[test]
+fn abuse_of_the_coordinator_does_not_disturb_a_run() {
+    let c = Cluster::start_n("abuse", ["300", "300"], 100);
+    let coord = c.coord_url.trim_start_matches("http://").to_string();
+    // A flood of joins, impossible hardware and garbage bytes while the fleet drives.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        use vtox::wire::pb;
+        let channel = tonic::transport::Endpoint::from_shared(c.coord_url.clone())
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect");
+        let mut client = pb::agent_service_client::AgentServiceClient::new(channel);
+        for i in 0..300 {
+            let hw = pb::Hardware {
+                logical_cores: (i % 2) as u32,
+                memory_total_bytes: 1 << 30,
+                ..Default::default()
+            };
+            let _ = client
+                .join(pb::JoinRequest {
+                    name: format!("intruder-{i}"),
+                    hardware: Some(hw),
+                    max_vehicles: 0,
+                    protocol_major: 1,
+                })
+                .await;
+        }
+    });
+    for _ in 0..20 {
+        use std::io::Write;
+        if let Ok(mut s) = std::net::TcpStream::connect(&coord) {
+            let _ = s.write_all(&[0x16, 0x03, 0x01, 0xff, 0xff, 0x00, 0x42].repeat(100));
+        }
+    }
+    c.all_sending_again(Duration::from_secs(15));
+    c.assert_no_conflicts();
+    let s = c.status();
+    assert_eq!(s["unassigned_vehicles"], 0, "{s}");
+    assert_eq!(s["state"], "running");
+}
