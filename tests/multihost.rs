@@ -157,12 +157,18 @@ fn a_fleet_across_namespaces_survives_a_cut_link() {
     let (c, a, b) = (&net.names[0], &net.names[1], &net.names[2]);
     let sink = "10.77.0.1:18000";
     let coord = "10.77.0.1:15051";
+    // A coordinator beyond loopback refuses to start without a token, as on a real network.
+    let secrets = TempDir::new("netns-token");
+    let token = format!("{}/token", secrets.path());
+    std::fs::write(&token, "netns-shared-token\n").expect("write the token file");
     let _sink = in_ns(c, "vtox-sink", &["--listen", sink]);
     let _coord = in_ns(
         c,
         "vtox-coord",
         &[
             "serve",
+            "--token-file",
+            &token,
             "--listen",
             coord,
             "--lease",
@@ -187,6 +193,8 @@ fn a_fleet_across_namespaces_survives_a_cut_link() {
             coord,
             "--name",
             "host-a",
+            "--token-file",
+            &token,
             "--max-vehicles",
             "150",
             "--log-dir",
@@ -201,6 +209,8 @@ fn a_fleet_across_namespaces_survives_a_cut_link() {
             coord,
             "--name",
             "host-b",
+            "--token-file",
+            &token,
             "--max-vehicles",
             "300",
             "--log-dir",
@@ -214,6 +224,8 @@ fn a_fleet_across_namespaces_survives_a_cut_link() {
         &[
             "run",
             "200",
+            "--token-file",
+            &token,
             "--coord",
             &coord_url,
             "--target",
@@ -266,7 +278,14 @@ fn a_fleet_across_namespaces_survives_a_cut_link() {
     let out = Command::new("ip")
         .args(["netns", "exec", c])
         .arg(bin("vtox-coord"))
-        .args(["status", "--coord", &coord_url, "--json"])
+        .args([
+            "status",
+            "--coord",
+            &coord_url,
+            "--json",
+            "--token-file",
+            &token,
+        ])
         .output()
         .expect("status");
     let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status json");
