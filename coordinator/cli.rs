@@ -1,6 +1,7 @@
 //! The CLI commands: each talks to a coordinator over gRPC (or plans offline) and prints
 //! tables for people or one JSON object for scripts.
 
+use crate::backend::{self, BackendRedis, Sampler};
 use crate::planning::{self, Host};
 use crate::server::{AgentApi, ControlApi, Coordinator, Settings};
 use crate::{
@@ -18,6 +19,7 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint, Server};
+use vtox::backlog;
 use vtox::capacity;
 use vtox::fleet::vehicle_id;
 use vtox::metrics::Latency;
@@ -27,6 +29,13 @@ use vtox::wire::pb::{
 };
 
 /// The shared token of this invocation (`--token-file` or `VTOX_TOKEN`), set once by main.
+/// Backlog samples a run keeps (one a second): its summary judges the last minute.
+const RUN_SAMPLES: usize = 60;
+/// Seconds of samples behind the live views' backlog trend.
+const LIVE_WINDOW: usize = 10;
+/// Samples a one-shot `status --redis` takes, a second apart.
+const STATUS_SAMPLES: usize = 3;
+
 pub static TOKEN: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
 
 /// TLS of this invocation: the server's for `serve`, the client's for the other commands.
@@ -448,6 +457,9 @@ pub async fn run(a: RunArgs) -> Result<ExitCode> {
     a.faults
         .parse::<vtox::faults::FaultMix>()
         .context("--faults")?;
+    a.redis.check()?;
+    // Reached before any process starts, so that a wrong --redis costs nothing.
+    let redis = BackendRedis::connect(&a.redis).await?;
     let mut cluster = None;
     let (coord_url, target) = if a.local {
         let c = crate::local::start(a.target.clone()).await?;
@@ -462,14 +474,19 @@ pub async fn run(a: RunArgs) -> Result<ExitCode> {
                 .unwrap_or_else(|| "http://127.0.0.1:8000".into()),
         )
     };
-    let outcome = drive(&a, &coord_url, &target).await;
+    let outcome = drive(&a, &coord_url, &target, redis).await;
     if let Some(c) = cluster {
         c.shutdown().await;
     }
     outcome
 }
 
-async fn drive(a: &RunArgs, coord_url: &str, target: &str) -> Result<ExitCode> {
+async fn drive(
+    a: &RunArgs,
+    coord_url: &str,
+    target: &str,
+    mut redis: Option<BackendRedis>,
+) -> Result<ExitCode> {
     let mut client = connect(coord_url).await?;
     // Wait for the agents.
     let deadline = Instant::now() + a.wait;
@@ -516,7 +533,20 @@ async fn drive(a: &RunArgs, coord_url: &str, target: &str) -> Result<ExitCode> {
         spec: Some(spec),
         expect_agents: a.expect_agents,
     };
+    let score_from = match &mut redis {
+        Some(r) => Some(r.server_ms().await?),
+        None => None,
+    };
     let started = client.start(req).await.map_err(status_error)?.into_inner();
+    let sampler = redis.clone().map(|r| Sampler::start(r, RUN_SAMPLES));
+    // The summary judges the backend's streams while the fleet drove, not as it wound down.
+    let mut driving_until = backend::unix_now();
+    let backlog_view = || {
+        sampler
+            .as_ref()
+            .map(|s| s.view(LIVE_WINDOW, a.redis.tolerance()))
+            .unwrap_or_default()
+    };
     if let Some(plan) = &started.plan {
         eprint!("{}", plan_table(plan));
     }
@@ -549,8 +579,11 @@ async fn drive(a: &RunArgs, coord_url: &str, target: &str) -> Result<ExitCode> {
                             if status.run_id != started.run_id {
                                 bail!("the coordinator no longer has run {} (it was restarted without --state-dir?)", started.run_id);
                             }
-                            view.show(&status);
+                            view.show(&status, &backlog_view());
                             let done = status.state != "running";
+                            if !done {
+                                driving_until = backend::unix_now();
+                            }
                             last = Some(status);
                             if done {
                                 break 'watching;
@@ -597,10 +630,26 @@ async fn drive(a: &RunArgs, coord_url: &str, target: &str) -> Result<ExitCode> {
     let status = last.ok_or_else(|| anyhow!("no status received"))?;
     let totals = status.totals.clone().unwrap_or_default();
     let success = totals.success_percent();
+    let mut out = status_json(&status);
+    let mut text = summary(&status);
+    if let (Some(r), Some(sampler)) = (&mut redis, &sampler) {
+        let window = backlog::window(&sampler.between(0.0, driving_until));
+        if let Some(w) = &window {
+            text.push_str(&w.table(a.redis.tolerance()));
+        }
+        out["backlog"] = json!(window);
+        match r.score(score_from).await {
+            Ok(card) => {
+                text.push_str(&card.table());
+                out["diagnosis"] = card.json();
+            }
+            Err(e) => eprintln!("warning: cannot score the diagnoses: {e:#}"),
+        }
+    }
     if a.json {
-        println!("{}", status_json(&status));
+        println!("{out}");
     } else {
-        print!("{}", summary(&status));
+        print!("{text}");
     }
     if totals.sent == 0 {
         eprintln!("error: no message was sent");
@@ -644,7 +693,8 @@ impl LiveView {
         }
     }
 
-    fn show(&mut self, s: &pb::RunStatus) {
+    /// Draws the run's status; `extra` (the backend's backlog) goes below it.
+    fn show(&mut self, s: &pb::RunStatus, extra: &str) {
         let now = Instant::now();
         let mut text = String::new();
         let _ = writeln!(
@@ -695,6 +745,7 @@ impl LiveView {
             "{} {:.0}s  sent {}  accepted {}  failed {}  dropped {}  unassigned vehicles {}",
             s.state, s.elapsed_s, t.sent, t.accepted, t.failed, t.dropped, s.unassigned_vehicles
         );
+        text.push_str(extra);
         let mut err = std::io::stderr().lock();
         if self.tty {
             if self.lines_drawn > 0 {
@@ -821,22 +872,48 @@ fn status_json(s: &pb::RunStatus) -> Value {
 }
 
 pub async fn status(a: StatusArgs) -> Result<ExitCode> {
+    a.redis.check()?;
     let mut client = connect(&a.coord.coord).await?;
+    let redis = BackendRedis::connect(&a.redis).await?;
     if !a.watch {
         let s = client
             .status(pb::StatusRequest {})
             .await
             .map_err(status_error)?
             .into_inner();
+        // Whether a backlog grows takes more than one look: three samples a second apart.
+        let window = match redis {
+            Some(mut r) => {
+                let mut samples = Vec::new();
+                for i in 0..STATUS_SAMPLES {
+                    if i > 0 {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                    samples.push(r.sample().await?);
+                }
+                backlog::window(&samples)
+            }
+            None => None,
+        };
         if a.json {
-            println!("{}", status_json(&s));
-        } else if s.run_id.is_empty() {
-            println!("no run");
+            let mut out = status_json(&s);
+            if a.redis.redis.is_some() {
+                out["backlog"] = json!(window);
+            }
+            println!("{out}");
         } else {
-            print!("{}", summary(&s));
+            if s.run_id.is_empty() {
+                println!("no run");
+            } else {
+                print!("{}", summary(&s));
+            }
+            if let Some(w) = &window {
+                print!("{}", w.table(a.redis.tolerance()));
+            }
         }
         return Ok(ExitCode::SUCCESS);
     }
+    let sampler = redis.map(|r| Sampler::start(r, LIVE_WINDOW));
     let mut stream = client
         .watch(pb::WatchRequest { interval_ms: 1000 })
         .await
@@ -847,7 +924,16 @@ pub async fn status(a: StatusArgs) -> Result<ExitCode> {
         tokio::select! {
             msg = stream.message() => match msg {
                 Ok(Some(s)) => {
-                    if a.json { println!("{}", status_json(&s)); } else { view.show(&s); }
+                    let extra = sampler.as_ref().map(|x| x.view(LIVE_WINDOW, a.redis.tolerance()));
+                    if a.json {
+                        let mut out = status_json(&s);
+                        if let Some(x) = &sampler {
+                            out["backlog"] = json!(backlog::window(&x.newest(LIVE_WINDOW)));
+                        }
+                        println!("{out}");
+                    } else {
+                        view.show(&s, &extra.unwrap_or_default());
+                    }
                 }
                 Ok(None) => return Ok(ExitCode::SUCCESS),
                 Err(e) => bail!("lost the coordinator: {}", e.message()),

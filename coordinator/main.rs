@@ -4,6 +4,7 @@
 #[path = "../agent/hardware.rs"]
 mod hardware;
 
+mod backend;
 mod cli;
 mod local;
 mod planning;
@@ -64,6 +65,9 @@ enum Cmd {
     /// Move whole instances away from agents above their recommended capacity (75% of max)
     /// to agents below it, e.g. after new agents joined.
     Rebalance(CoordArg),
+    /// Score the backend's diagnoses in its Redis against the faults vtox injected: per
+    /// analyzer, faults found, false alarms and diagnosis lag.
+    Score(backend::ScoreArgs),
 }
 
 #[derive(Debug, ClapArgs)]
@@ -207,6 +211,8 @@ pub struct RunArgs {
     /// Samples per second of the samples in a message.
     #[arg(long, default_value_t = 50)]
     pub sampling_rate: u32,
+    #[command(flatten)]
+    pub redis: backend::RedisArgs,
     /// Print the final summary as one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -219,6 +225,8 @@ pub struct StatusArgs {
     /// Keep printing until Ctrl-C.
     #[arg(long)]
     pub watch: bool,
+    #[command(flatten)]
+    pub redis: backend::RedisArgs,
     #[arg(long)]
     pub json: bool,
 }
@@ -289,6 +297,7 @@ fn main() -> ExitCode {
             Cmd::Agents(a) => cli::agents(a).await,
             Cmd::Rebalance(a) => cli::rebalance(a).await,
             Cmd::Ramp(a) => ramp::ramp(a).await,
+            Cmd::Score(a) => backend::score(a).await,
         }
     });
     match result {

@@ -2,6 +2,7 @@
 //! only, and writes `performance_test_report.json` with the reference keys computed from the
 //! measurements. Exit code 0 when every step passed, 99 when a step missed an SLO (as k6 does).
 
+use crate::backend::{unix_now, BackendRedis, Sampler};
 use crate::cli::{connect, params_of, status_error};
 use crate::{CoordArg, LoadArgs};
 use anyhow::{anyhow, bail, Context, Result};
@@ -9,6 +10,7 @@ use clap::Args as ClapArgs;
 use serde_json::{json, Value};
 use std::process::ExitCode;
 use std::time::Duration;
+use vtox::backlog;
 use vtox::duration::parse_duration;
 use vtox::metrics::Latency;
 use vtox::wire::pb;
@@ -72,6 +74,8 @@ pub struct RampArgs {
     /// Request timeout of the simulators.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub timeout: Duration,
+    #[command(flatten)]
+    pub redis: crate::backend::RedisArgs,
 }
 
 /// One second of the ramp, for the CSV history.
@@ -100,6 +104,12 @@ struct Step {
     agents: Vec<Value>,
     max_cpu: f64,
     failures: Vec<String>,
+    /// What failed, as words a script can match: success, p95, throughput, backlog.
+    failed_as: Vec<&'static str>,
+    /// The backend's Redis over the measured window (with --redis).
+    pipeline: Option<backlog::Window>,
+    /// Groups whose backlog grew over the window.
+    behind: Vec<String>,
 }
 
 impl Step {
@@ -124,7 +134,21 @@ impl Step {
             "verdict": if self.passed() { "pass" } else { "fail" },
             "failed_on": self.failures,
             "generator_healthy": self.generator_healthy(),
+            "failed_as": self.failed_as,
             "limiting_side": if self.passed() { "none" } else if self.generator_healthy() { "backend" } else { "generator" },
+            "backend_pipeline": self.pipeline.as_ref().map(|w| json!({
+                "ingest_msgs_per_s": w.ingest_per_s,
+                "results_per_s": w.results_per_s,
+                "groups": w.groups.iter().map(|g| json!({
+                    "name": g.name,
+                    "consumers": g.consumers,
+                    "processed_msgs_per_s": g.processed_per_s,
+                    "lag_slope_per_s": g.backlog_slope_per_s,
+                    "backlog_start": g.backlog_start,
+                    "backlog_end": g.backlog_end,
+                })).collect::<Vec<_>>(),
+                "falling_behind": self.behind,
+            })),
         })
     }
 }
@@ -139,6 +163,14 @@ pub async fn ramp(a: RampArgs) -> Result<ExitCode> {
     a.faults
         .parse::<vtox::faults::FaultMix>()
         .context("--faults")?;
+    a.redis.check()?;
+    let mut redis = BackendRedis::connect(&a.redis).await?;
+    let score_from = match &mut redis {
+        Some(r) => Some(r.server_ms().await?),
+        None => None,
+    };
+    let keep = (a.warmup + a.step_duration).as_secs() as usize + 30;
+    let sampler = redis.clone().map(|r| Sampler::start(r, keep));
     let cluster = if a.local {
         Some(crate::local::start(a.target.clone()).await?)
     } else {
@@ -154,12 +186,21 @@ pub async fn ramp(a: RampArgs) -> Result<ExitCode> {
         ),
     };
     let mut history = Vec::new();
-    let result = run_steps(&a, &url, &target, &mut history).await;
+    let result = run_steps(&a, &url, &target, sampler.as_ref(), &mut history).await;
     if let Some(c) = cluster {
         c.shutdown().await;
     }
     let steps = result?;
-    let report = report(&a, &steps);
+    let mut report = report(&a, &steps);
+    if let Some(r) = &mut redis {
+        match r.score(score_from).await {
+            Ok(card) => {
+                eprint!("{}", card.table());
+                report["diagnosis"] = card.json();
+            }
+            Err(e) => eprintln!("warning: cannot score the diagnoses: {e:#}"),
+        }
+    }
     let text = serde_json::to_string_pretty(&report)?;
     std::fs::write(&a.out, text + "\n")
         .with_context(|| format!("cannot write {}", a.out.display()))?;
@@ -186,6 +227,7 @@ async fn run_steps(
     a: &RampArgs,
     url: &str,
     target: &str,
+    sampler: Option<&Sampler>,
     history: &mut Vec<HistoryRow>,
 ) -> Result<Vec<Step>> {
     let mut client = connect(url).await?;
@@ -217,7 +259,7 @@ async fn run_steps(
             a.step_duration,
             a.warmup
         );
-        let step = run_step(a, &mut client, target, n, history).await?;
+        let step = run_step(a, &mut client, target, n, sampler, history).await?;
         eprintln!(
             "  {}: {:.0}/{:.0} msg/s, {:.2}% ok, p95 {:.1} ms{}",
             if step.passed() { "pass" } else { "FAIL" },
@@ -245,6 +287,7 @@ async fn run_step(
     client: &mut crate::cli::ControlClient,
     target: &str,
     n: u64,
+    sampler: Option<&Sampler>,
     history: &mut Vec<HistoryRow>,
 ) -> Result<Step> {
     let interval = a.load.interval.as_secs_f64();
@@ -284,6 +327,7 @@ async fn run_step(
     );
     bar.set_prefix(format!("{n} vehicles"));
     let mut prev: Option<(f64, u64, u64, Latency)> = None;
+    let (mut window_from, mut window_to) = (0.0, 0.0);
     while let Some(s) = watch.message().await.map_err(status_error)? {
         if s.run_id != started.run_id {
             bail!("the coordinator started another run");
@@ -297,10 +341,7 @@ async fn run_step(
             let rate = done.saturating_sub(*pdone) as f64 / dt;
             bar.set_message(format!("{rate:.0} msg/s, {:.2}% ok", t.success_percent()));
             history.push(HistoryRow {
-                unix: std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_secs_f64())
-                    .unwrap_or(0.0),
+                unix: unix_now(),
                 vehicles: n,
                 rate,
                 failures: t.failed.saturating_sub(*pfailed) as f64 / dt,
@@ -314,6 +355,7 @@ async fn run_step(
         let measuring = s.elapsed_s >= a.warmup.as_secs_f64() + 1.0;
         if measuring && start.is_none() {
             start = Some(s.clone());
+            window_from = unix_now();
         }
         if start.is_some() {
             for ag in &s.agents {
@@ -327,10 +369,13 @@ async fn run_step(
             end = Some(s);
             break;
         }
+        // The backend's streams are judged while the fleet drives, not as it winds down.
+        window_to = unix_now();
     }
     let (Some(start), Some(end)) = (start, end) else {
         bail!("the step ended before its measured window")
     };
+    let pipeline = sampler.and_then(|x| backlog::window(&x.between(window_from, window_to)));
     let (t0, t1) = (
         start.totals.unwrap_or_default(),
         end.totals.unwrap_or_default(),
@@ -366,10 +411,14 @@ async fn run_step(
             .collect(),
         max_cpu: max_cpu.values().map(|v| v.0).fold(0.0, f64::max),
         failures: Vec::new(),
+        failed_as: Vec::new(),
+        pipeline: None,
+        behind: Vec::new(),
     };
     if step.success < a.min_success {
         step.failures
             .push(format!("success {:.2}% < {}%", step.success, a.min_success));
+        step.failed_as.push("success");
     }
     if step.p95 > a.max_p95.as_secs_f64() * 1e3 {
         step.failures.push(format!(
@@ -377,6 +426,7 @@ async fn run_step(
             step.p95,
             a.max_p95.as_millis()
         ));
+        step.failed_as.push("p95");
     }
     if step.accepted_rate < expected * MIN_THROUGHPUT_SHARE {
         step.failures.push(format!(
@@ -385,7 +435,29 @@ async fn run_step(
             MIN_THROUGHPUT_SHARE * 100.0,
             expected
         ));
+        step.failed_as.push("throughput");
     }
+    if let Some(w) = &pipeline {
+        let behind = w.falling_behind(a.redis.tolerance());
+        for g in &behind {
+            step.failures.push(format!(
+                "backlog: {} processed {}/s of {}/s ingested, its backlog growing {:.1}/s",
+                g.name,
+                g.processed_per_s
+                    .map_or_else(|| "?".into(), |r| format!("{r:.1}")),
+                w.ingest_per_s
+                    .map_or_else(|| "?".into(), |r| format!("{r:.1}")),
+                g.backlog_slope_per_s.unwrap_or(0.0),
+            ));
+        }
+        if !behind.is_empty() {
+            step.failed_as.push("backlog");
+        }
+        step.behind = behind.iter().map(|g| g.name.clone()).collect();
+    } else if sampler.is_some() {
+        tracing::warn!("no samples of the backend's Redis over the step; its backlog is unjudged");
+    }
+    step.pipeline = pipeline;
     Ok(step)
 }
 
@@ -421,6 +493,13 @@ fn report(a: &RampArgs, steps: &[Step]) -> Value {
         )),
         None => recs.push(format!("every step passed; the limit lies above {max_ok} vehicles: extend --steps")),
     }
+    if let Some(f) = first_fail.filter(|f| !f.behind.is_empty()) {
+        recs.push(format!(
+            "the diagnosis consumers fell behind the ingest at {} vehicles ({}): the API answered, but its results come later and later; add consumers to those groups or make them faster",
+            f.vehicles,
+            f.behind.join(", ")
+        ));
+    }
     recs.push(format!(
         "keep the fleet at or below {recommended} vehicles (75% of the largest passing step)"
     ));
@@ -439,11 +518,13 @@ fn report(a: &RampArgs, steps: &[Step]) -> Value {
             "min_success_percent": a.min_success,
             "max_p95_ms": a.max_p95.as_secs_f64() * 1e3,
             "min_throughput_share": MIN_THROUGHPUT_SHARE,
+            "backlog_tolerance_percent": a.redis.redis.as_ref().map(|_| a.redis.backlog_tolerance),
         },
         "rules": {
             "max_successful_vehicles": "largest step that met every SLO",
             "estimated_system_limit": "accepted messages/s of the first failing step x interval, at least max_successful_vehicles",
             "recommended_max_vehicles": "75% of max_successful_vehicles",
+            "backlog": "with --redis, a step fails as backlog when a consumer group's backlog (lag + pending) grew faster than --backlog-tolerance percent of the ingest rate (and 2 entries/s) over the measured window, by least squares",
         },
         "interval_s": interval,
         "step_duration_s": a.step_duration.as_secs_f64(),

@@ -3,6 +3,7 @@
 //! on its own: callers pass time in, which keeps every piece testable in isolation.
 
 pub mod auth;
+pub mod backlog;
 pub mod capacity;
 pub mod charts;
 pub mod duration;
@@ -16,6 +17,7 @@ pub mod process;
 pub mod prometheus;
 pub mod rng;
 pub mod schedule;
+pub mod score;
 pub mod signal;
 pub mod sink;
 pub mod telemetry;

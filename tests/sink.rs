@@ -5,7 +5,7 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{free_port, get_json, http, wait_for, wait_listening, Proc};
+use common::{free_port, get_json, http, wait_for, wait_listening, Proc, RedisServer};
 use serde_json::Value;
 
 const VALID: &str = r#"{"sensor_data": {"data": [{"时间": 1764320000.02, "Ia": 9.81, "Ib": -4.12, "Ic": -5.69, "振动_X": 0.12, "振动_Y": 0.10, "振动_Z": 0.08, "温度": 45.2, "转速": 1450}], "sampling_rate": 50, "batch_size": 10, "fault_type": "normal", "fault_severity": 0.0, "timestamp": "2026-11-28T09:00:00.123456"}, "metadata": {"vehicle_id": "粤B·SEAL·202400000", "model": "SEAL", "agent": "host-a", "instance": 0, "seq": 17, "fault_type": "normal", "fault_severity": 0.0, "sent_at": "2026-11-28T09:00:00.124001Z"}}"#;
@@ -339,92 +339,6 @@ fn bad_arguments_exit_2() {
         assert_eq!(out.status.code(), Some(2), "{args:?}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.starts_with("error: "), "{args:?}: {err}");
-    }
-}
-
-/// A throwaway redis-server on a free port, killed on drop.
-struct RedisServer {
-    port: u16,
-    proc: Option<Proc>,
-}
-
-impl RedisServer {
-    /// None (with a printed reason) when redis-server is not installed and VTOX_REQUIRE_REDIS
-    /// is unset; CI sets it so a missing install fails instead of skipping.
-    fn start_or_skip() -> Option<RedisServer> {
-        let present = Command::new("redis-server")
-            .arg("--version")
-            .stdout(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !present {
-            if std::env::var_os("VTOX_REQUIRE_REDIS").is_some() {
-                panic!("redis-server is not installed but VTOX_REQUIRE_REDIS is set");
-            }
-            eprintln!("skipping: redis-server is not installed (apt-get install redis-server)");
-            return None;
-        }
-        let mut r = RedisServer {
-            port: free_port(),
-            proc: None,
-        };
-        r.start();
-        Some(r)
-    }
-
-    fn start(&mut self) {
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("spawn redis-server");
-        self.proc = Some(Proc {
-            child,
-            name: "redis-server".into(),
-        });
-        wait_listening(&self.addr(), START);
-    }
-
-    fn stop(&mut self) {
-        // Dropping the Proc kills and reaps it.
-        self.proc = None;
-    }
-
-    fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    fn url(&self) -> String {
-        format!("redis://{}", self.addr())
-    }
-
-    fn xrange(&self, stream: &str) -> Vec<(String, Vec<(String, String)>)> {
-        let client = redis::Client::open(self.url()).expect("redis url");
-        let mut con = client.get_connection().expect("connect to redis");
-        let raw: Vec<(String, Vec<String>)> = redis::cmd("XRANGE")
-            .arg(stream)
-            .arg("-")
-            .arg("+")
-            .query(&mut con)
-            .expect("XRANGE");
-        raw.into_iter()
-            .map(|(id, flat)| {
-                let pairs = flat
-                    .chunks(2)
-                    .map(|c| (c[0].clone(), c[1].clone()))
-                    .collect();
-                (id, pairs)
-            })
-            .collect()
     }
 }
 

@@ -262,3 +262,89 @@ pub fn alive(pid: u32) -> bool {
         })
         .unwrap_or(false)
 }
+
+/// A throwaway redis-server on a free port, killed on drop.
+pub struct RedisServer {
+    port: u16,
+    proc: Option<Proc>,
+}
+
+impl RedisServer {
+    /// None (with a printed reason) when redis-server is not installed and VTOX_REQUIRE_REDIS
+    /// is unset; CI sets it so a missing install fails instead of skipping.
+    pub fn start_or_skip() -> Option<RedisServer> {
+        let present = Command::new("redis-server")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !present {
+            if std::env::var_os("VTOX_REQUIRE_REDIS").is_some() {
+                panic!("redis-server is not installed but VTOX_REQUIRE_REDIS is set");
+            }
+            eprintln!("skipping: redis-server is not installed (apt-get install redis-server)");
+            return None;
+        }
+        let mut r = RedisServer {
+            port: free_port(),
+            proc: None,
+        };
+        r.start();
+        Some(r)
+    }
+
+    pub fn start(&mut self) {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn redis-server");
+        self.proc = Some(Proc {
+            child,
+            name: "redis-server".into(),
+        });
+        wait_listening(&self.addr(), Duration::from_secs(10));
+    }
+
+    pub fn stop(&mut self) {
+        // Dropping the Proc kills and reaps it.
+        self.proc = None;
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://{}", self.addr())
+    }
+
+    pub fn xrange(&self, stream: &str) -> Vec<(String, Vec<(String, String)>)> {
+        let client = redis::Client::open(self.url()).expect("redis url");
+        let mut con = client.get_connection().expect("connect to redis");
+        let raw: Vec<(String, Vec<String>)> = redis::cmd("XRANGE")
+            .arg(stream)
+            .arg("-")
+            .arg("+")
+            .query(&mut con)
+            .expect("XRANGE");
+        raw.into_iter()
+            .map(|(id, flat)| {
+                let pairs = flat
+                    .chunks(2)
+                    .map(|c| (c[0].clone(), c[1].clone()))
+                    .collect();
+                (id, pairs)
+            })
+            .collect()
+    }
+}

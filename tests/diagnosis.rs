@@ -1,0 +1,465 @@
+//! The whole pipeline judged through Redis: a real redis-server, vtox-sink writing the raw
+//! stream, and a diagnosis consumer written for these tests standing in for the backend's
+//! analyzers (one consumer group per fault class, a chosen error rate, delay and speed).
+//! `vtox-coord score` must report exactly what the consumer did, and a ramp whose consumer is
+//! too slow must fail its step as "backlog" while the HTTP side stays healthy.
+
+mod common;
+
+use common::*;
+use redis::Value;
+use serde_json::Value as Json;
+use std::collections::BTreeMap;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+const ANALYZERS: [&str; 5] = [
+    "turn_fault",
+    "insulation",
+    "bearing",
+    "eccentricity",
+    "broken_bar",
+];
+const RAW: &str = "motor_raw_data";
+const RESULTS: &str = "fault_diagnosis_results";
+
+/// What one analyzer answered, by the class of message: [seen, flagged] for messages carrying
+/// its own fault, normal ones and ones carrying another fault.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+struct Answered {
+    faulty: [u64; 2],
+    normal: [u64; 2],
+    other: [u64; 2],
+}
+
+struct Behaviour {
+    /// Every this-many-th message of each class gets the wrong answer (0: never).
+    wrong_every: u64,
+    /// A result is written no earlier than this after the message's send time.
+    delay: Duration,
+    /// Messages per second each group gets through at most.
+    max_rate: Option<f64>,
+}
+
+/// The stand-in for the backend's diagnosis workers: one thread per analyzer.
+struct Consumer {
+    stop: Arc<AtomicBool>,
+    threads: Vec<(String, JoinHandle<Answered>)>,
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+        Value::SimpleString(s) => s.clone(),
+        other => panic!("expected a string, got {other:?}"),
+    }
+}
+
+/// Entries of an XREADGROUP reply: (ID, fields).
+fn read_entries(reply: &Value) -> Vec<(String, BTreeMap<String, String>)> {
+    let Value::Array(streams) = reply else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for s in streams {
+        let Value::Array(parts) = s else { continue };
+        let Some(Value::Array(entries)) = parts.get(1) else {
+            continue;
+        };
+        for e in entries {
+            let Value::Array(e) = e else { continue };
+            let id = text(&e[0]);
+            let mut fields = BTreeMap::new();
+            if let Value::Array(kv) = &e[1] {
+                for c in kv.chunks_exact(2) {
+                    fields.insert(text(&c[0]), text(&c[1]));
+                }
+            }
+            out.push((id, fields));
+        }
+    }
+    out
+}
+
+fn unix_ms() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs_f64()
+        * 1e3
+}
+
+fn connect(url: &str) -> redis::Connection {
+    redis::Client::open(url)
+        .expect("redis url")
+        .get_connection()
+        .expect("connect to redis")
+}
+
+/// Creates the five groups before any message arrives, as the backend does at start.
+fn create_groups(url: &str) {
+    let mut con = connect(url);
+    for a in ANALYZERS {
+        let _: () = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(RAW)
+            .arg(format!("{a}_diagnosis"))
+            .arg("0")
+            .arg("MKSTREAM")
+            .query(&mut con)
+            .expect("XGROUP CREATE");
+    }
+}
+
+impl Consumer {
+    fn start(url: &str, b: Behaviour) -> Consumer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let b = Arc::new(b);
+        let threads = ANALYZERS
+            .iter()
+            .map(|analyzer| {
+                let (stop, b, url) = (stop.clone(), b.clone(), url.to_string());
+                let analyzer = analyzer.to_string();
+                let h = std::thread::spawn({
+                    let analyzer = analyzer.clone();
+                    move || work(&url, &analyzer, &b, &stop)
+                });
+                (analyzer, h)
+            })
+            .collect();
+        Consumer { stop, threads }
+    }
+
+    fn finish(self) -> BTreeMap<String, Answered> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.threads
+            .into_iter()
+            .map(|(a, h)| (a, h.join().expect("consumer thread")))
+            .collect()
+    }
+}
+
+fn work(url: &str, analyzer: &str, b: &Behaviour, stop: &AtomicBool) -> Answered {
+    let mut con = connect(url);
+    let group = format!("{analyzer}_diagnosis");
+    let mut answered = Answered::default();
+    let mut next_slot = Instant::now();
+    while !stop.load(Ordering::SeqCst) {
+        let reply: Value = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(&group)
+            .arg("worker-1")
+            .arg("COUNT")
+            .arg(10)
+            .arg("BLOCK")
+            .arg(100)
+            .arg("STREAMS")
+            .arg(RAW)
+            .arg(">")
+            .query(&mut con)
+            .expect("XREADGROUP");
+        for (id, fields) in read_entries(&reply) {
+            let meta: Json = serde_json::from_str(&fields["metadata"]).expect("metadata json");
+            let truth = meta["fault_type"].as_str().expect("fault_type").to_string();
+            let sent = humantime::parse_rfc3339_weak(meta["sent_at"].as_str().expect("sent_at"))
+                .expect("sent_at time")
+                .duration_since(UNIX_EPOCH)
+                .expect("after 1970")
+                .as_secs_f64()
+                * 1e3;
+            let class = if truth == analyzer {
+                &mut answered.faulty
+            } else if truth == "normal" {
+                &mut answered.normal
+            } else {
+                &mut answered.other
+            };
+            let right = truth == analyzer;
+            let wrong = b.wrong_every > 0 && class[0] % b.wrong_every == b.wrong_every - 1;
+            let flagged = right != wrong;
+            class[0] += 1;
+            class[1] += u64::from(flagged);
+            if let Some(rate) = b.max_rate {
+                next_slot = next_slot.max(Instant::now()) + Duration::from_secs_f64(1.0 / rate);
+                std::thread::sleep(next_slot.saturating_duration_since(Instant::now()));
+            }
+            let due = sent + b.delay.as_secs_f64() * 1e3;
+            let now = unix_ms();
+            if due > now {
+                std::thread::sleep(Duration::from_secs_f64((due - now) / 1e3));
+            }
+            let _: String = redis::cmd("XADD")
+                .arg(RESULTS)
+                .arg("*")
+                .arg("vehicle_id")
+                .arg(&fields["vehicle_id"])
+                .arg("fault_type")
+                .arg(analyzer)
+                .arg("status")
+                .arg(if flagged { "warning" } else { "normal" })
+                .arg("score")
+                .arg(if flagged { "0.8" } else { "0.1" })
+                .arg("original_message_id")
+                .arg(&id)
+                .query(&mut con)
+                .expect("XADD result");
+            let _: u64 = redis::cmd("XACK")
+                .arg(RAW)
+                .arg(&group)
+                .arg(&id)
+                .query(&mut con)
+                .expect("XACK");
+        }
+    }
+    answered
+}
+
+/// True when every group has read and acknowledged every raw entry.
+fn drained(url: &str) -> bool {
+    let mut con = connect(url);
+    let groups: Value = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(RAW)
+        .query(&mut con)
+        .expect("XINFO GROUPS");
+    let parsed = vtox::backlog::parse_groups(&groups);
+    parsed.len() == 5 && parsed.iter().all(|g| g.pending == 0 && g.lag == Some(0))
+}
+
+fn score(url: &str, extra: &[&str]) -> (Option<i32>, Json, String) {
+    let out = Command::new(bin("vtox-coord"))
+        .args(["score", "--redis", url, "--json"])
+        .args(extra)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run vtox-coord score");
+    let json = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    (
+        out.status.code(),
+        json,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Redis with the five groups, and a sink writing the raw stream into it.
+struct Backend {
+    redis: RedisServer,
+    sink: String,
+    _sink_proc: Proc,
+}
+
+impl Backend {
+    fn start() -> Option<Backend> {
+        let redis = RedisServer::start_or_skip()?;
+        create_groups(&redis.url());
+        let sink = format!("127.0.0.1:{}", free_port());
+        let proc = Proc::spawn("vtox-sink", &["--listen", &sink, "--redis", &redis.url()]);
+        wait_listening(&sink, Duration::from_secs(10));
+        Some(Backend {
+            redis,
+            sink,
+            _sink_proc: proc,
+        })
+    }
+}
+
+#[test]
+fn score_reports_exactly_what_the_diagnosis_did() {
+    let Some(backend) = Backend::start() else {
+        return;
+    };
+    let (url, sink) = (backend.redis.url(), backend.sink.clone());
+    // 10% wrong answers, results no earlier than 300 ms after sending.
+    let consumer = Consumer::start(
+        &url,
+        Behaviour {
+            wrong_every: 10,
+            delay: Duration::from_millis(300),
+            max_rate: None,
+        },
+    );
+    // A run that started 400 s ago, so that every planned fault has its onset behind it.
+    let run_start = format!("{:.3}", unix_ms() / 1e3 - 400.0);
+    let mut sim = Proc::spawn(
+        "vtox-sim",
+        &[
+            "--vehicles",
+            "40",
+            "--target",
+            &format!("http://{sink}"),
+            "--interval",
+            "0.5s",
+            "--faults",
+            "turn_fault=15,insulation=15,bearing=15,eccentricity=15,broken_bar=15",
+            "--run-start",
+            &run_start,
+            "--duration",
+            "4s",
+        ],
+    );
+    let status = sim
+        .wait_timeout(Duration::from_secs(30))
+        .expect("the simulator ends after its duration");
+    assert!(status.success());
+    wait_for(
+        "the consumer to finish every message",
+        Duration::from_secs(30),
+        || drained(&url).then_some(()),
+    );
+    let answered = consumer.finish();
+
+    let (code, s, err) = score(&url, &[]);
+    assert_eq!(code, Some(0), "{err}");
+    let total: u64 = answered
+        .values()
+        .map(|a| a.faulty[0] + a.normal[0] + a.other[0])
+        .sum();
+    assert!(total >= 5 * 250, "{total} results");
+    assert_eq!(s["results"], total, "{s}");
+    assert_eq!(s["joined"], total, "{s}");
+    assert_eq!(s["raw_trimmed"], 0);
+    assert_eq!(s["unreadable"], 0);
+    let mut faults_seen = 0;
+    for (analyzer, a) in &answered {
+        let got = &s["analyzers"][analyzer];
+        assert_eq!(got["faulty"]["seen"], a.faulty[0], "{analyzer}: {got}");
+        assert_eq!(got["faulty"]["flagged"], a.faulty[1], "{analyzer}: {got}");
+        assert_eq!(got["normal"]["seen"], a.normal[0], "{analyzer}: {got}");
+        assert_eq!(got["normal"]["flagged"], a.normal[1], "{analyzer}: {got}");
+        assert_eq!(got["other_faults"]["seen"], a.other[0], "{analyzer}: {got}");
+        assert_eq!(
+            got["other_faults"]["flagged"], a.other[1],
+            "{analyzer}: {got}"
+        );
+        faults_seen += a.faulty[0];
+        // The chosen accuracy: one answer in ten is wrong in each class.
+        let fp = got["false_positive_percent"]
+            .as_f64()
+            .expect("normal messages");
+        assert!((5.0..=10.5).contains(&fp), "{analyzer}: {got}");
+        let lag = &got["lag_ms"];
+        let p50 = lag["p50"].as_f64().expect("p50");
+        assert!((300.0..=700.0).contains(&p50), "{analyzer}: lag {lag}");
+        assert!(lag["max"].as_f64().is_some_and(|m| m >= 300.0), "{lag}");
+    }
+    assert!(faults_seen > 100, "the fleet carried faults: {faults_seen}");
+
+    // Trim the raw stream exactly below its 51st entry: those results can no longer be
+    // joined and are counted as trimmed, not guessed.
+    let mut con = connect(&url);
+    let ids: Vec<(String, Vec<String>)> = redis::cmd("XRANGE")
+        .arg(RAW)
+        .arg("-")
+        .arg("+")
+        .arg("COUNT")
+        .arg(51)
+        .query(&mut con)
+        .expect("XRANGE");
+    let cut = &ids[50].0;
+    let _: u64 = redis::cmd("XTRIM")
+        .arg(RAW)
+        .arg("MINID")
+        .arg(cut)
+        .query(&mut con)
+        .expect("XTRIM");
+    let (_, s, _) = score(&url, &["--since", "1h"]);
+    assert_eq!(s["results"], total);
+    assert_eq!(s["raw_trimmed"], 5 * 50, "{s}");
+    assert_eq!(s["joined"], total - 5 * 50);
+
+    // A Redis nobody listens on is an error that names it.
+    let dead = format!("redis://127.0.0.1:{}", free_port());
+    let (code, _, err) = score(&dead, &[]);
+    assert_ne!(code, Some(0));
+    assert!(
+        err.contains("127.0.0.1") && err.starts_with("error:"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_slow_diagnosis_fails_its_ramp_step_as_backlog() {
+    let Some(backend) = Backend::start() else {
+        return;
+    };
+    let (url, sink) = (backend.redis.url(), backend.sink.clone());
+    // Each analyzer gets through 60 messages a second: 10 vehicles at 0.5 s (20 msg/s) fit,
+    // 60 vehicles (120 msg/s) do not.
+    let consumer = Consumer::start(
+        &url,
+        Behaviour {
+            wrong_every: 0,
+            delay: Duration::ZERO,
+            max_rate: Some(60.0),
+        },
+    );
+    let dir = TempDir::new("backlog");
+    let out = dir.0.join("report.json");
+    let o = Command::new(bin("vtox-coord"))
+        .args([
+            "ramp",
+            "--local",
+            "--target",
+            &format!("http://{sink}"),
+            "--redis",
+            &url,
+            "--steps",
+            "10,60",
+            "--step-duration",
+            "6s",
+            "--warmup",
+            "2s",
+            "--interval",
+            "0.5s",
+            "--out",
+        ])
+        .arg(&out)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run ramp");
+    let _ = consumer.finish();
+    let r: Json = std::fs::read(&out)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(99), "{err}\n{r}");
+    let steps = r["steps"].as_array().expect("steps");
+    assert_eq!(steps.len(), 2, "{r}");
+    assert_eq!(steps[0]["verdict"], "pass", "{}", steps[0]);
+    let fail = &steps[1];
+    assert_eq!(fail["verdict"], "fail");
+    // Only the diagnosis fell behind: the ingest API answered everything, quickly.
+    assert_eq!(fail["failed_as"], serde_json::json!(["backlog"]), "{fail}");
+    assert_eq!(fail["success_percent"], 100.0, "{fail}");
+    let p = &fail["backend_pipeline"];
+    let ingest = p["ingest_msgs_per_s"].as_f64().expect("ingest rate");
+    assert!((100.0..=140.0).contains(&ingest), "{p}");
+    let behind = p["falling_behind"].as_array().expect("falling_behind");
+    assert_eq!(behind.len(), 5, "{p}");
+    for g in p["groups"].as_array().expect("groups") {
+        let done = g["processed_msgs_per_s"].as_f64().expect("processed rate");
+        assert!((45.0..=75.0).contains(&done), "{g}");
+        let slope = g["lag_slope_per_s"].as_f64().expect("slope");
+        assert!(slope > 30.0, "{g}");
+    }
+    assert!(
+        r["system_recommendations"]
+            .as_array()
+            .is_some_and(|l| l.iter().any(|x| x
+                .as_str()
+                .is_some_and(|t| t.contains("diagnosis consumers fell behind")))),
+        "{r}"
+    );
+    let ok = &steps[0]["backend_pipeline"];
+    assert_eq!(ok["falling_behind"], serde_json::json!([]), "{ok}");
+    assert!(
+        r["diagnosis"]["results"].as_u64().is_some_and(|n| n > 0),
+        "the ramp ends with a score: {}",
+        r["diagnosis"]
+    );
+}
