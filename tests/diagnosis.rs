@@ -396,31 +396,60 @@ fn a_slow_diagnosis_fails_its_ramp_step_as_backlog() {
             max_rate: Some(60.0),
         },
     );
-    let dir = TempDir::new("backlog");
-    let out = dir.0.join("report.json");
-    let o = Command::new(bin("vtox-coord"))
-        .args([
-            "ramp",
-            "--local",
-            "--target",
-            &format!("http://{sink}"),
-            "--redis",
-            &url,
-            "--steps",
-            "10,60",
-            "--step-duration",
-            "6s",
-            "--warmup",
-            "2s",
-            "--interval",
-            "0.5s",
-            "--out",
-        ])
-        .arg(&out)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run ramp");
+    let coord = format!("127.0.0.1:{}", free_port());
+    let _coord = Proc::spawn("vtox-coord", &["serve", "--listen", &coord]);
+    wait_listening(&coord, Duration::from_secs(10));
+    let logs = TempDir::new("backlog");
+    let _agent = Proc::spawn("vtox-agent", &["--join", &coord, "--log-dir", logs.path()]);
+    let coord_url = format!("http://{coord}");
+    let out = logs.0.join("report.json");
+    let mut ramp = Command::new(bin("vtox-coord"));
+    ramp.args([
+        "ramp",
+        "--coord",
+        &coord_url,
+        "--target",
+        &format!("http://{sink}"),
+        "--redis",
+        &url,
+        "--steps",
+        "10,60",
+        "--step-duration",
+        "6s",
+        "--warmup",
+        "2s",
+        "--interval",
+        "0.5s",
+        "--out",
+    ])
+    .arg(&out)
+    .env("RUST_LOG", "warn")
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let ramp = ramp.spawn().expect("start the ramp");
+
+    // Meanwhile `status --redis` sees the backlog of the second step grow.
+    let growing = wait_for(
+        "status --redis to show a growing backlog",
+        Duration::from_secs(60),
+        || {
+            let o = Command::new(bin("vtox-coord"))
+                .args(["status", "--coord", &coord_url, "--redis", &url, "--json"])
+                .stdin(Stdio::null())
+                .output()
+                .ok()?;
+            let s: Json = serde_json::from_slice(&o.stdout).ok()?;
+            let groups = s["backlog"]["groups"].as_array()?.clone();
+            let all_growing = groups.len() == 5
+                && groups
+                    .iter()
+                    .all(|g| g["backlog_slope_per_s"].as_f64().is_some_and(|x| x > 20.0));
+            all_growing.then_some(s)
+        },
+    );
+    assert_eq!(growing["state"], "running", "{growing}");
+    let o = ramp.wait_with_output().expect("the ramp ends");
     let _ = consumer.finish();
     let r: Json = std::fs::read(&out)
         .ok()
