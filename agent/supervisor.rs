@@ -77,6 +77,9 @@ pub struct Supervisor {
     last_heard: Instant,
     /// Set when the lease expired: the next assignment is applied even if its epoch is known.
     lapsed: bool,
+    /// Tallies of the current run left by an earlier process of this agent (killed with
+    /// `-9`, then restarted): their simulators' final counts, reported so that none is lost.
+    recovered: Vec<(PathBuf, TallyKey)>,
     events_tx: mpsc::UnboundedSender<Event>,
 }
 
@@ -107,8 +110,16 @@ pub async fn run(cfg: Config, mut commands: mpsc::Receiver<Command>) {
         stopping: BTreeMap::new(),
         last_heard: Instant::now(),
         lapsed: false,
+        recovered: Vec::new(),
         events_tx,
     };
+    // Whatever an earlier process of this agent left (killed with -9, its simulators counting
+    // on after its last heartbeat) is reported: the coordinator takes the counts of its
+    // current run and ignores the rest.
+    sup.recovered = sup.tallies();
+    for (_, k) in &sup.recovered {
+        tracing::info!(run = %k.run_id, instance = k.index, incarnation = k.incarnation, "reporting the counts an earlier agent process left");
+    }
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     loop {
         tokio::select! {
@@ -165,6 +176,7 @@ impl Supervisor {
             self.stop_all("new run");
             self.history.clear();
             self.run_id = a.run_id.clone();
+            self.recover_tallies();
         }
         self.spec = a.spec;
         let desired: BTreeMap<u32, pb::InstanceSpec> =
@@ -325,7 +337,20 @@ impl Supervisor {
             }
             args.extend(["--duration".into(), format!("{remaining:.3}s")]);
         }
-        let tally = tally_path(&self.cfg.log_dir, idx);
+        let incarnation = unix_ms().max(inst.incarnation + 1);
+        let key = TallyKey {
+            run_id: self.run_id.clone(),
+            index: idx,
+            incarnation,
+            first_vehicle: inst.spec.first_vehicle,
+            vehicles: inst.spec.vehicles,
+        };
+        let tally = key.path(&self.cfg.log_dir, &self.cfg.agent);
+        if let Some(dir) = tally.parent() {
+            if let Err(e) = std::fs::create_dir_all(dir) {
+                tracing::warn!(path = %dir.display(), "cannot create the tally directory ({e}); counts of a killed simulator may be short");
+            }
+        }
         args.extend(["--tally".into(), tally.to_string_lossy().into_owned()]);
         let log_path = self.cfg.log_dir.join(format!("instance-{idx}.log"));
         let stderr = match std::fs::OpenOptions::new()
@@ -351,7 +376,6 @@ impl Supervisor {
             .stdout(Stdio::piped())
             .stderr(stderr)
             .kill_on_drop(true);
-        let incarnation = unix_ms().max(inst.incarnation + 1);
         match cmd.spawn() {
             Ok(mut child) => {
                 inst.incarnation = incarnation;
@@ -476,10 +500,14 @@ impl Supervisor {
                 inst.last_error = format!("exited: {detail}");
                 // A killed simulator's last metric line is up to a report interval old; its
                 // tally file has the exact totals.
-                if let Some(t) = std::fs::read(tally_path(&self.cfg.log_dir, index))
-                    .ok()
-                    .and_then(|b| vtox::metrics::read_tally(&b))
-                {
+                let key = TallyKey {
+                    run_id: run_id.clone(),
+                    index,
+                    incarnation,
+                    first_vehicle: inst.spec.first_vehicle,
+                    vehicles: inst.spec.vehicles,
+                };
+                if let Some(t) = read_tally_file(&key.path(&self.cfg.log_dir, &self.cfg.agent)) {
                     apply_tally(&mut inst.counters, &t);
                 }
                 self.history.push(status_of(&run_id, index, inst));
@@ -504,7 +532,55 @@ impl Supervisor {
                 .iter()
                 .map(|(idx, inst)| status_of(&self.run_id, *idx, inst)),
         );
+        // Read afresh each time: a simulator orphaned by the earlier process may still have
+        // been finishing its requests in flight when this one started.
+        for (path, key) in &self.recovered {
+            if let Some(t) = read_tally_file(path) {
+                let mut counters = pb::Counters::default();
+                apply_tally(&mut counters, &t);
+                out.push(pb::InstanceStatus {
+                    run_id: key.run_id.clone(),
+                    index: key.index,
+                    first_vehicle: key.first_vehicle,
+                    vehicles: key.vehicles,
+                    phase: Phase::Exited as i32,
+                    restarts: 0,
+                    incarnation: key.incarnation,
+                    counters: Some(counters),
+                    last_error: "counts recovered after the agent restarted".into(),
+                });
+            }
+        }
         out
+    }
+
+    /// The tallies in this agent's directory, with their keys.
+    fn tallies(&self) -> Vec<(PathBuf, TallyKey)> {
+        let dir = TallyKey::dir(&self.cfg.log_dir, &self.cfg.agent);
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|e| {
+                let path = e.path();
+                let key = TallyKey::parse(path.file_name()?.to_str()?)?;
+                Some((path, key))
+            })
+            .collect()
+    }
+
+    /// On a new run: keeps only the tallies of this run that an earlier process of this agent
+    /// left behind, and removes the rest.
+    fn recover_tallies(&mut self) {
+        self.recovered.clear();
+        for (path, key) in self.tallies() {
+            if key.run_id == self.run_id {
+                self.recovered.push((path, key));
+            } else {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
     }
 
     fn rss_bytes(&self) -> u64 {
@@ -578,8 +654,60 @@ fn status_of(run_id: &str, idx: u32, inst: &Instance) -> pb::InstanceStatus {
     }
 }
 
-fn tally_path(log_dir: &std::path::Path, idx: u32) -> PathBuf {
-    log_dir.join(format!("instance-{idx}.tally"))
+/// Names the tally of one incarnation by everything a restarted agent needs to report it.
+#[derive(Debug, Clone, PartialEq)]
+struct TallyKey {
+    run_id: String,
+    index: u32,
+    incarnation: u64,
+    first_vehicle: u64,
+    vehicles: u64,
+}
+
+impl TallyKey {
+    /// One directory per agent: agents on one host may share a log directory.
+    fn dir(log_dir: &std::path::Path, agent: &str) -> PathBuf {
+        let safe: String = agent
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        log_dir.join("tallies").join(safe)
+    }
+
+    fn path(&self, log_dir: &std::path::Path, agent: &str) -> PathBuf {
+        Self::dir(log_dir, agent).join(format!(
+            "{}.{}.{}.{}.{}.tally",
+            self.run_id, self.index, self.incarnation, self.first_vehicle, self.vehicles
+        ))
+    }
+
+    fn parse(name: &str) -> Option<TallyKey> {
+        let mut parts = name.strip_suffix(".tally")?.rsplitn(5, '.');
+        let vehicles = parts.next()?.parse().ok()?;
+        let first_vehicle = parts.next()?.parse().ok()?;
+        let incarnation = parts.next()?.parse().ok()?;
+        let index = parts.next()?.parse().ok()?;
+        let run_id = parts.next().filter(|r| !r.is_empty())?.to_string();
+        Some(TallyKey {
+            run_id,
+            index,
+            incarnation,
+            first_vehicle,
+            vehicles,
+        })
+    }
+}
+
+fn read_tally_file(path: &std::path::Path) -> Option<[u64; vtox::metrics::TALLY_SLOTS]> {
+    std::fs::read(path)
+        .ok()
+        .and_then(|b| vtox::metrics::read_tally(&b))
 }
 
 /// Raises the counters to a tally's totals (never lowers them: the tally may be from an
@@ -596,6 +724,54 @@ fn apply_tally(c: &mut pb::Counters, t: &[u64; vtox::metrics::TALLY_SLOTS]) {
     c.bytes = c.bytes.max(t[TALLY_BYTES]);
     c.timeouts = c.timeouts.max(t[TALLY_TIMEOUT]);
     c.connect_errors = c.connect_errors.max(t[TALLY_CONNECT]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tally_names_round_trip() {
+        let k = TallyKey {
+            run_id: "run-1795888545320".into(),
+            index: 3,
+            incarnation: 1_795_888_545_999,
+            first_vehicle: 150,
+            vehicles: 50,
+        };
+        let p = k.path(std::path::Path::new("/logs"), "host a/1");
+        assert_eq!(
+            p,
+            PathBuf::from("/logs/tallies/host_a_1/run-1795888545320.3.1795888545999.150.50.tally")
+        );
+        let name = p.file_name().and_then(|n| n.to_str()).unwrap();
+        assert_eq!(TallyKey::parse(name), Some(k));
+        assert_eq!(TallyKey::parse("instance-0.tally"), None);
+        assert_eq!(TallyKey::parse(".1.2.3.4.tally"), None);
+    }
+
+    #[test]
+    fn a_tally_raises_counters_but_never_lowers_them() {
+        use vtox::metrics::*;
+        let mut t = [0u64; TALLY_SLOTS];
+        t[TALLY_SENT] = 10;
+        t[TALLY_ACCEPTED] = 9;
+        t[TALLY_FAILED] = 1;
+        let mut c = pb::Counters {
+            sent: 8,
+            accepted: 8,
+            ..Default::default()
+        };
+        apply_tally(&mut c, &t);
+        assert_eq!((c.sent, c.accepted, c.failed), (10, 9, 1));
+        let mut newer = pb::Counters {
+            sent: 20,
+            accepted: 20,
+            ..Default::default()
+        };
+        apply_tally(&mut newer, &t);
+        assert_eq!((newer.sent, newer.accepted), (20, 20));
+    }
 }
 
 fn rss_of(pid: u32) -> u64 {

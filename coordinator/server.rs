@@ -653,7 +653,10 @@ impl State {
                     // Counters only grow within an incarnation; an older report arriving late
                     // must not take counts back.
                     if (counters.sent, counters.accepted + counters.failed) >= old {
-                        if (counters.accepted + counters.failed) != old.1 {
+                        // Counts recovered from a tally carry no histogram: keep the last one.
+                        if (counters.accepted + counters.failed) != old.1
+                            && !counters.latency_hdr.is_empty()
+                        {
                             e.get_mut().latency =
                                 Latency::from_bytes(&counters.latency_hdr).unwrap_or_default();
                         }
