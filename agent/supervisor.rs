@@ -726,6 +726,14 @@ fn apply_tally(c: &mut pb::Counters, t: &[u64; vtox::metrics::TALLY_SLOTS]) {
     c.connect_errors = c.connect_errors.max(t[TALLY_CONNECT]);
 }
 
+fn rss_of(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/statm"))
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map(|pages| pages * 4096)
+        .unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -772,12 +780,4 @@ mod tests {
         apply_tally(&mut newer, &t);
         assert_eq!((newer.sent, newer.accepted), (20, 20));
     }
-}
-
-fn rss_of(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/statm"))
-        .ok()
-        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .map(|pages| pages * 4096)
-        .unwrap_or(0)
 }
