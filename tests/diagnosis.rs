@@ -370,6 +370,52 @@ fn score_reports_exactly_what_the_diagnosis_did() {
     assert_eq!(s["raw_trimmed"], 5 * 50, "{s}");
     assert_eq!(s["joined"], total - 5 * 50);
 
+    // `run --redis` ends with the backlog and a score of the diagnoses of this run only.
+    let consumer = Consumer::start(
+        &url,
+        Behaviour {
+            wrong_every: 0,
+            delay: Duration::ZERO,
+            max_rate: None,
+        },
+    );
+    let o = Command::new(bin("vtox-coord"))
+        .args([
+            "run",
+            "20",
+            "--local",
+            "--target",
+            &format!("http://{sink}"),
+            "--redis",
+            &url,
+            "--duration",
+            "3s",
+            "--interval",
+            "0.5s",
+            "--json",
+        ])
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run --redis");
+    let _ = consumer.finish();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: Json = serde_json::from_slice(&o.stdout).expect("run --json");
+    let accepted = r["totals"]["accepted"].as_u64().expect("accepted");
+    let results = r["diagnosis"]["results"].as_u64().expect("a score");
+    assert!(
+        results > 0 && results <= 5 * accepted,
+        "{results} results for {accepted} messages: {}",
+        r["diagnosis"]
+    );
+    assert_eq!(r["diagnosis"]["unreadable"], 0);
+    assert_eq!(
+        r["backlog"]["groups"].as_array().map(Vec::len),
+        Some(5),
+        "{}",
+        r["backlog"]
+    );
+
     // A Redis nobody listens on is an error that names it.
     let dead = format!("redis://127.0.0.1:{}", free_port());
     let (code, _, err) = score(&dead, &[]);
