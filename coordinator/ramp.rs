@@ -568,7 +568,7 @@ fn csv(rows: &[HistoryRow]) -> String {
 fn html(a: &RampArgs, steps: &[Step], report: &Value) -> String {
     use vtox::charts::{svg, Chart};
     let x: Vec<f64> = steps.iter().map(|s| s.vehicles as f64).collect();
-    let charts = [
+    let mut charts = vec![
         Chart {
             title: "Throughput: achieved vs expected",
             y_label: "messages/s",
@@ -598,6 +598,33 @@ fn html(a: &RampArgs, steps: &[Step], report: &Value) -> String {
             slo: Some(("success SLO", a.min_success)),
         },
     ];
+    if steps.iter().any(|s| s.pipeline.is_some()) {
+        // The slowest group decides when diagnoses fall behind.
+        let of = |f: &dyn Fn(&backlog::Window) -> Option<f64>| -> Vec<f64> {
+            steps
+                .iter()
+                .map(|s| s.pipeline.as_ref().and_then(f).unwrap_or(0.0))
+                .collect()
+        };
+        charts.push(Chart {
+            title: "Diagnosis: ingest vs the slowest consumer group",
+            y_label: "messages/s",
+            x: &x,
+            series: vec![
+                ("ingested", of(&|w| w.ingest_per_s)),
+                (
+                    "processed by the slowest group",
+                    of(&|w| {
+                        w.groups
+                            .iter()
+                            .filter_map(|g| g.processed_per_s)
+                            .reduce(f64::min)
+                    }),
+                ),
+            ],
+            slo: None,
+        });
+    }
     let mut body = String::new();
     for c in &charts {
         match svg(c) {

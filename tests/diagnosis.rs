@@ -469,6 +469,8 @@ fn a_slow_diagnosis_fails_its_ramp_step_as_backlog() {
         "--out",
     ])
     .arg(&out)
+    .arg("--html")
+    .arg(logs.0.join("report.html"))
     .env("RUST_LOG", "warn")
     .stdin(Stdio::null())
     .stdout(Stdio::piped())
@@ -530,6 +532,13 @@ fn a_slow_diagnosis_fails_its_ramp_step_as_backlog() {
                 .is_some_and(|t| t.contains("diagnosis consumers fell behind")))),
         "{r}"
     );
+    let html = std::fs::read_to_string(logs.0.join("report.html")).expect("the HTML report");
+    assert_eq!(
+        html.matches("<svg").count(),
+        4,
+        "a fourth chart for the diagnosis"
+    );
+    assert!(html.contains("slowest consumer group"));
     let ok = &steps[0]["backend_pipeline"];
     assert_eq!(ok["falling_behind"], serde_json::json!([]), "{ok}");
     assert!(
