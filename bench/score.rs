@@ -67,7 +67,7 @@ fn fill_and_score(url: &str, raw_n: usize) -> Result<(), String> {
     let point = r#"{"时间":1764320000.02,"Ia":9.81,"Ib":-4.12,"Ic":-5.69,"振动_X":0.12,"振动_Y":0.1,"振动_Z":0.08,"温度":45.2,"转速":1450}"#;
     let sensor = format!(
         r#"{{"data":[{}],"sampling_rate":50,"batch_size":10,"fault_type":"normal","fault_severity":0.0,"timestamp":"2026-11-28T09:00:00.123456"}}"#,
-        vec![point; 10].join(",")
+        [point; 10].join(",")
     );
     let t = Instant::now();
     let mut ids = Vec::with_capacity(raw_n);
