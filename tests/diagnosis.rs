@@ -248,6 +248,8 @@ fn score(url: &str, extra: &[&str]) -> (Option<i32>, Json, String) {
 struct Backend {
     redis: RedisServer,
     sink: String,
+    /// The URL vtox gets: a user that may only read, so that any write would fail the test.
+    read_only: String,
     _sink_proc: Proc,
 }
 
@@ -255,12 +257,27 @@ impl Backend {
     fn start() -> Option<Backend> {
         let redis = RedisServer::start_or_skip()?;
         create_groups(&redis.url());
+        let _: () = redis::cmd("ACL")
+            .arg(&[
+                "SETUSER",
+                "vtox",
+                "on",
+                ">read-only",
+                "~*",
+                "+@read",
+                "+@connection",
+                "+time",
+            ])
+            .query(&mut connect(&redis.url()))
+            .expect("ACL SETUSER");
+        let read_only = format!("redis://vtox:read-only@{}", redis.addr());
         let sink = format!("127.0.0.1:{}", free_port());
         let proc = Proc::spawn("vtox-sink", &["--listen", &sink, "--redis", &redis.url()]);
         wait_listening(&sink, Duration::from_secs(10));
         Some(Backend {
             redis,
             sink,
+            read_only,
             _sink_proc: proc,
         })
     }
@@ -272,6 +289,7 @@ fn score_reports_exactly_what_the_diagnosis_did() {
         return;
     };
     let (url, sink) = (backend.redis.url(), backend.sink.clone());
+    let read_only = backend.read_only.clone();
     // 10% wrong answers, results no earlier than 300 ms after sending.
     let consumer = Consumer::start(
         &url,
@@ -311,7 +329,7 @@ fn score_reports_exactly_what_the_diagnosis_did() {
     );
     let answered = consumer.finish();
 
-    let (code, s, err) = score(&url, &[]);
+    let (code, s, err) = score(&read_only, &[]);
     assert_eq!(code, Some(0), "{err}");
     let total: u64 = answered
         .values()
@@ -365,7 +383,7 @@ fn score_reports_exactly_what_the_diagnosis_did() {
         .arg(cut)
         .query(&mut con)
         .expect("XTRIM");
-    let (_, s, _) = score(&url, &["--since", "1h"]);
+    let (_, s, _) = score(&read_only, &["--since", "1h"]);
     assert_eq!(s["results"], total);
     assert_eq!(s["raw_trimmed"], 5 * 50, "{s}");
     assert_eq!(s["joined"], total - 5 * 50);
@@ -387,7 +405,7 @@ fn score_reports_exactly_what_the_diagnosis_did() {
             "--target",
             &format!("http://{sink}"),
             "--redis",
-            &url,
+            &read_only,
             "--duration",
             "3s",
             "--interval",
@@ -457,7 +475,7 @@ fn a_slow_diagnosis_fails_its_ramp_step_as_backlog() {
         "--target",
         &format!("http://{sink}"),
         "--redis",
-        &url,
+        &backend.read_only,
         "--steps",
         "10,60",
         "--step-duration",
@@ -483,7 +501,14 @@ fn a_slow_diagnosis_fails_its_ramp_step_as_backlog() {
         Duration::from_secs(60),
         || {
             let o = Command::new(bin("vtox-coord"))
-                .args(["status", "--coord", &coord_url, "--redis", &url, "--json"])
+                .args([
+                    "status",
+                    "--coord",
+                    &coord_url,
+                    "--redis",
+                    &backend.read_only,
+                    "--json",
+                ])
                 .stdin(Stdio::null())
                 .output()
                 .ok()?;
