@@ -215,6 +215,7 @@ pub(crate) fn status_error(s: tonic::Status) -> anyhow::Error {
 pub(crate) fn params_of(n: u64, load: &LoadArgs) -> pb::PlanParams {
     pb::PlanParams {
         vehicles: n,
+        first_vehicle: 0,
         per_instance: load.per_instance,
         interval_s: load.interval.as_secs_f64(),
         batch_size: load.batch_size,
@@ -288,7 +289,10 @@ fn link(mbps: u32) -> String {
 
 pub async fn plan(a: PlanArgs) -> Result<ExitCode> {
     let hosts = hosts_from(a.coord.as_deref(), a.hosts.as_deref(), a.max_vehicles).await?;
-    let params = params_of(a.vehicles, &a.load);
+    let params = pb::PlanParams {
+        first_vehicle: a.first_vehicle,
+        ..params_of(a.vehicles, &a.load)
+    };
     let (_, reply) = planning::plan_hosts(&hosts, &params).map_err(|e| anyhow!(e))?;
     if a.json {
         println!("{}", plan_json(&reply));
@@ -529,7 +533,10 @@ async fn drive(
         bail!("--faults: {e}");
     }
     let req = pb::StartRequest {
-        params: Some(params_of(a.vehicles, &a.load)),
+        params: Some(pb::PlanParams {
+            first_vehicle: a.first_vehicle,
+            ..params_of(a.vehicles, &a.load)
+        }),
         spec: Some(spec),
         expect_agents: a.expect_agents,
     };

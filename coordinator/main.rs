@@ -144,6 +144,10 @@ pub struct PlanArgs {
     /// Cap every host at this many vehicles.
     #[arg(long)]
     pub max_vehicles: Option<u64>,
+    /// Number of the first vehicle: several coordinators, each over its own hosts, split one
+    /// fleet into slices (e.g. 0 and 50000 for two halves of 100,000).
+    #[arg(long, default_value_t = 0)]
+    pub first_vehicle: u64,
     #[command(flatten)]
     pub load: LoadArgs,
     /// Print one JSON object instead of tables.
@@ -178,6 +182,10 @@ pub struct RunArgs {
     /// Base URL of the backend's ingest API [default: http://127.0.0.1:8000, or the local sink].
     #[arg(long)]
     pub target: Option<String>,
+    /// Number of the first vehicle: several coordinators, each over its own hosts, split one
+    /// fleet into slices (e.g. 0 and 50000 for two halves of 100,000).
+    #[arg(long, default_value_t = 0)]
+    pub first_vehicle: u64,
     /// How long the fleet drives [default: until Ctrl-C].
     #[arg(long, value_parser = parse_duration)]
     pub duration: Option<Duration>,

@@ -143,7 +143,9 @@ pub fn plan_hosts(
         load.per_instance,
         params.overcommit,
     )
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| e.to_string())?
+    .starting_at(params.first_vehicle)
+    .ok_or_else(|| format!("--first-vehicle {} is too large", params.first_vehicle))?;
     let reply = pb::PlanReply {
         agents: hosts
             .iter()

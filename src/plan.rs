@@ -34,6 +34,20 @@ pub struct Plan {
     pub agents: Vec<AgentAssignment>,
 }
 
+impl Plan {
+    /// Moves every range up by `first`, so that the plan covers [first, first + N): one slice
+    /// of a fleet split over several coordinators. None when the numbers would overflow.
+    pub fn starting_at(mut self, first: u64) -> Option<Plan> {
+        first.checked_add(self.vehicles)?;
+        for a in &mut self.agents {
+            for i in &mut a.instances {
+                i.first_vehicle += first;
+            }
+        }
+        Some(self)
+    }
+}
+
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum PlanError {
     #[error("the number of vehicles must be at least 1")]
@@ -216,6 +230,27 @@ pub fn plan(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_plan_can_start_at_any_vehicle() {
+        let agents = [PlanAgent {
+            name: "a".into(),
+            max_vehicles: 1000,
+        }];
+        let p = plan(234, &agents, 50, false)
+            .unwrap()
+            .starting_at(1000)
+            .unwrap();
+        let firsts: Vec<u64> = p.agents[0]
+            .instances
+            .iter()
+            .map(|i| i.first_vehicle)
+            .collect();
+        assert_eq!(firsts, [1000, 1050, 1100, 1150, 1200]);
+        assert_eq!(p.vehicles, 234);
+        let p = plan(10, &agents, 50, false).unwrap();
+        assert!(p.starting_at(u64::MAX - 5).is_none());
+    }
     use proptest::prelude::*;
 
     fn agents(maxes: &[u64]) -> Vec<PlanAgent> {

@@ -220,6 +220,43 @@ fn an_unreachable_coordinator_is_named() {
 }
 
 #[test]
+fn a_run_can_drive_a_slice_of_a_larger_fleet() {
+    // One of two coordinators splitting a fleet: this one drives vehicles 500..519.
+    let sink = format!("127.0.0.1:{}", free_port());
+    let _sink = Proc::spawn("vtox-sink", &["--listen", &sink]);
+    wait_listening(&sink, Duration::from_secs(10));
+    let out = Command::new(bin("vtox-coord"))
+        .args([
+            "run",
+            "20",
+            "--local",
+            "--first-vehicle",
+            "500",
+            "--duration",
+            "2s",
+        ])
+        .args(["--interval", "0.5s", "--target", &format!("http://{sink}")])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let list = get_json(&sink, "/stats/vehicles").expect("vehicles");
+    let mut serials: Vec<u64> = list
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter_map(|v| v["vehicle_id"].as_str()?.rsplit('·').next()?.parse().ok())
+        .collect();
+    serials.sort_unstable();
+    let expected: Vec<u64> = (202_400_500..202_400_520).collect();
+    assert_eq!(serials, expected);
+}
+
+#[test]
 fn run_local_cleans_up_every_process() {
     let mut run = Proc::spawn_env(
         "vtox-coord",
