@@ -201,7 +201,7 @@ fn main() {
         let vehicles = agents * 100;
         let start = control
             .start(pb::StartRequest {
-                params: Some(pb::PlanParams { vehicles, per_instance: 50, interval_s: 1.2, batch_size: 10, overcommit: false }),
+                params: Some(pb::PlanParams { vehicles, per_instance: 50, interval_s: 1.2, batch_size: 10, overcommit: false, first_vehicle: 0 }),
                 spec: Some(pb::RunSpec { target: "http://127.0.0.1:9".into(), interval_s: 1.2, ..Default::default() }),
                 expect_agents: agents as u32,
             })
