@@ -911,13 +911,19 @@ impl pb::agent_service_server::AgentService for AgentApi {
                 }
             }
             let mut st = coord.lock();
+            let running = st.run.as_ref().is_some_and(|r| r.state == RunState::Running);
             if let Some(agent) = st.agents.get_mut(&name) {
                 if agent
                     .session
                     .as_ref()
                     .is_some_and(|(id, _)| *id == session_id)
                 {
-                    tracing::warn!(agent = name, "agent disconnected");
+                    // Only a loss during a run matters; agents leave idle coordinators freely.
+                    if running {
+                        tracing::warn!(agent = name, "agent disconnected during the run");
+                    } else {
+                        tracing::info!(agent = name, "agent disconnected");
+                    }
                     agent.session = None;
                 }
             }
