@@ -17,6 +17,7 @@ BIN=target/release
 work=$(mktemp -d /tmp/vtox-chaos.XXXXXX)
 pids=()
 cleanup() {
+  exec 2>/dev/null  # bash would report each killed background job
   for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
   pkill -9 -f "$work" 2>/dev/null || true
   rm -rf "$work"
