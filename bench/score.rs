@@ -6,14 +6,7 @@
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-const ANALYZERS: [&str; 5] = [
-    "turn_fault",
-    "insulation",
-    "bearing",
-    "eccentricity",
-    "broken_bar",
-];
+use vtox::score::ANALYZERS;
 
 fn main() {
     let raw_n: usize = std::env::var("RAW")

@@ -28,7 +28,6 @@ use vtox::wire::pb::{
     self, agent_service_server::AgentServiceServer, control_service_client::ControlServiceClient,
 };
 
-/// The shared token of this invocation (`--token-file` or `VTOX_TOKEN`), set once by main.
 /// Backlog samples a run keeps (one a second): its summary judges the last minute.
 const RUN_SAMPLES: usize = 60;
 /// Seconds of samples behind the live views' backlog trend.
@@ -36,6 +35,7 @@ const LIVE_WINDOW: usize = 10;
 /// Samples a one-shot `status --redis` takes, a second apart.
 const STATUS_SAMPLES: usize = 3;
 
+/// The shared token of this invocation (`--token-file` or `VTOX_TOKEN`), set once by main.
 pub static TOKEN: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
 
 /// TLS of this invocation: the server's for `serve`, the client's for the other commands.

@@ -911,7 +911,10 @@ impl pb::agent_service_server::AgentService for AgentApi {
                 }
             }
             let mut st = coord.lock();
-            let running = st.run.as_ref().is_some_and(|r| r.state == RunState::Running);
+            let running = st
+                .run
+                .as_ref()
+                .is_some_and(|r| r.state == RunState::Running);
             if let Some(agent) = st.agents.get_mut(&name) {
                 if agent
                     .session

@@ -15,14 +15,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use vtox::score::ANALYZERS;
 
-const ANALYZERS: [&str; 5] = [
-    "turn_fault",
-    "insulation",
-    "bearing",
-    "eccentricity",
-    "broken_bar",
-];
 const RAW: &str = "motor_raw_data";
 const RESULTS: &str = "fault_diagnosis_results";
 

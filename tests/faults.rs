@@ -38,19 +38,22 @@ fn a_killed_agent_stops_its_simulators_and_its_vehicles_move() {
     wait_listening(&sink, Duration::from_secs(10));
     wait_listening(&coord, Duration::from_secs(10));
     let logs = TempDir::new("faults");
-    let a = Proc::spawn(
-        "vtox-agent",
-        &[
-            "--join",
-            &coord,
-            "--name",
-            "a",
-            "--max-vehicles",
-            "100",
-            "--log-dir",
-            logs.path(),
-        ],
-    );
+    let agent_a = || {
+        Proc::spawn(
+            "vtox-agent",
+            &[
+                "--join",
+                &coord,
+                "--name",
+                "a",
+                "--max-vehicles",
+                "100",
+                "--log-dir",
+                logs.path(),
+            ],
+        )
+    };
+    let a = agent_a();
     let _b = Proc::spawn(
         "vtox-agent",
         &[
@@ -138,19 +141,7 @@ fn a_killed_agent_stops_its_simulators_and_its_vehicles_move() {
     // Restarted as systemd would, agent a reports what its orphaned simulators counted after
     // its last heartbeat (they finished their requests in flight before stopping): the
     // coordinator's totals then match the sink's exactly.
-    let _a_again = Proc::spawn(
-        "vtox-agent",
-        &[
-            "--join",
-            &coord,
-            "--name",
-            "a",
-            "--max-vehicles",
-            "100",
-            "--log-dir",
-            logs.path(),
-        ],
-    );
+    let _a_again = agent_a();
     let out = Command::new(bin("vtox-coord"))
         .args(["stop", "--coord", &coord_url])
         .output()
