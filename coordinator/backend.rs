@@ -362,7 +362,8 @@ pub struct ScoreArgs {
 /// `vtox-coord score`.
 pub async fn score(a: ScoreArgs) -> Result<std::process::ExitCode> {
     if a.redis.redis.is_none() {
-        anyhow::bail!("score needs --redis URL: the backend's Redis to read the diagnoses from");
+        eprintln!("error: score needs --redis URL: the backend's Redis to read the diagnoses from");
+        return Ok(std::process::ExitCode::from(2));
     }
     let mut redis = BackendRedis::connect(&a.redis)
         .await?

@@ -428,6 +428,14 @@ fn score_reports_exactly_what_the_diagnosis_did() {
         r["backlog"]
     );
 
+    // Without --redis there is nothing to score: a usage error.
+    let o = Command::new(bin("vtox-coord"))
+        .arg("score")
+        .output()
+        .expect("score");
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--redis"));
+
     // A Redis nobody listens on is an error that names it.
     let dead = format!("redis://127.0.0.1:{}", free_port());
     let (code, _, err) = score(&dead, &[]);
