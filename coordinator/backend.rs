@@ -8,7 +8,7 @@ use redis::aio::MultiplexedConnection;
 use redis::Value;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 use vtox::backlog::{self, parse_entries_added, parse_groups, text, Sample};
 use vtox::duration::parse_duration;
 use vtox::score::{Diagnosis, Raw, Scorecard, Truth};
@@ -75,10 +75,7 @@ async fn call<T: redis::FromRedisValue>(
 
 /// This host's clock in Unix seconds.
 pub fn unix_now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
+    vtox::ingest::unix_secs(SystemTime::now())
 }
 
 /// A connection to the backend's Redis.
