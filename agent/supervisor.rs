@@ -235,9 +235,14 @@ impl Supervisor {
                 self.stopping.insert(pid, idx);
             }
             let mut ended = status_of(&self.run_id, idx, &inst);
-            // Stopped on purpose: whatever it was doing, it is not running any more.
+            // Stopped on purpose: whatever it was doing, it is not running any more. Its
+            // counts are final only once the process has exited (see `handle`).
             if inst.phase != Phase::Failed {
-                ended.phase = Phase::Exited as i32;
+                ended.phase = if inst.pid.is_some() {
+                    Phase::Stopping
+                } else {
+                    Phase::Exited
+                } as i32;
             }
             self.history.push(ended);
         }
@@ -488,6 +493,7 @@ impl Supervisor {
                     .filter(|i| i.incarnation == incarnation)
                 else {
                     self.stopping.retain(|_, i| *i != index);
+                    self.stopped(index, incarnation, success);
                     return;
                 };
                 inst.pid = None;
@@ -512,6 +518,30 @@ impl Supervisor {
                 }
                 self.history.push(status_of(&run_id, index, inst));
                 crashed(inst, Instant::now());
+            }
+        }
+    }
+
+    /// A process told to stop has exited: its counts are final. One that did not end
+    /// cleanly (killed at agent shutdown, say) may have written no last line; its tally has
+    /// the exact totals.
+    fn stopped(&mut self, index: u32, incarnation: u64, success: bool) {
+        let Some(h) = self.history.iter_mut().find(|h| {
+            h.index == index && h.incarnation == incarnation && h.phase == Phase::Stopping as i32
+        }) else {
+            return;
+        };
+        h.phase = Phase::Exited as i32;
+        if !success {
+            let key = TallyKey {
+                run_id: h.run_id.clone(),
+                index,
+                incarnation,
+                first_vehicle: h.first_vehicle,
+                vehicles: h.vehicles,
+            };
+            if let Some(t) = read_tally_file(&key.path(&self.cfg.log_dir, &self.cfg.agent)) {
+                apply_tally(h.counters.get_or_insert_with(Default::default), &t);
             }
         }
     }
@@ -723,6 +753,7 @@ fn apply_tally(c: &mut pb::Counters, t: &[u64; vtox::metrics::TALLY_SLOTS]) {
     c.dropped = c.dropped.max(t[TALLY_DROPPED]);
     c.bytes = c.bytes.max(t[TALLY_BYTES]);
     c.timeouts = c.timeouts.max(t[TALLY_TIMEOUT]);
+    c.late_accepted = c.late_accepted.max(t[TALLY_LATE]);
     c.connect_errors = c.connect_errors.max(t[TALLY_CONNECT]);
 }
 
@@ -765,6 +796,8 @@ mod tests {
         t[TALLY_SENT] = 10;
         t[TALLY_ACCEPTED] = 9;
         t[TALLY_FAILED] = 1;
+        t[TALLY_TIMEOUT] = 1;
+        t[TALLY_LATE] = 1;
         let mut c = pb::Counters {
             sent: 8,
             accepted: 8,
@@ -772,6 +805,7 @@ mod tests {
         };
         apply_tally(&mut c, &t);
         assert_eq!((c.sent, c.accepted, c.failed), (10, 9, 1));
+        assert_eq!((c.timeouts, c.late_accepted), (1, 1));
         let mut newer = pb::Counters {
             sent: 20,
             accepted: 20,

@@ -624,15 +624,10 @@ async fn drive(
             .stop(pb::StopRequest {})
             .await
             .map_err(status_error)?;
-        // The simulators finish their requests in flight and send their last lines.
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        last = Some(
-            client
-                .status(pb::StatusRequest {})
-                .await
-                .map_err(status_error)?
-                .into_inner(),
-        );
+        last = Some(settled(&mut client, &started.run_id).await?);
+    } else if last.as_ref().is_some_and(|s| s.state == "stopped") {
+        // Stopped from elsewhere (`vtox-coord stop`): the last counts are still on their way.
+        last = Some(settled(&mut client, &started.run_id).await?);
     }
     let status = last.ok_or_else(|| anyhow!("no status received"))?;
     let totals = status.totals.clone().unwrap_or_default();
@@ -770,6 +765,47 @@ impl LiveView {
     }
 }
 
+/// Whether an instance may still change its counts: its process has not exited yet.
+fn unsettled(i: &pb::InstanceStatus) -> bool {
+    matches!(
+        pb::Phase::try_from(i.phase),
+        Ok(pb::Phase::Starting | pb::Phase::Running | pb::Phase::Stopping)
+    )
+}
+
+/// The status of a stopped run once every simulator has finished its requests in flight
+/// (and the late answers it waits for) and sent its last line, so the totals printed are
+/// final. Gives up after twice the request timeout and a margin, with what it has.
+async fn settled(client: &mut ControlClient, run_id: &str) -> Result<pb::RunStatus> {
+    let started = Instant::now();
+    loop {
+        let status = client
+            .status(pb::StatusRequest {})
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        let timeout_s = status.spec.as_ref().map_or(5.0, |s| s.timeout_s);
+        let patience = Duration::from_secs_f64(2.0 * timeout_s.clamp(0.0, 600.0) + 5.0);
+        let busy = status
+            .agents
+            .iter()
+            .filter(|a| a.connected)
+            .flat_map(|a| &a.instances)
+            .filter(|i| i.run_id == run_id && unsettled(i))
+            .count();
+        if busy == 0 {
+            return Ok(status);
+        }
+        if started.elapsed() > patience {
+            eprintln!(
+                "{busy} instances have not reported their last counts; the totals may be short"
+            );
+            return Ok(status);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 fn summary(s: &pb::RunStatus) -> String {
     let t = s.totals.clone().unwrap_or_default();
     let (p50, p95, p99, max) = percentiles(&t);
@@ -787,12 +823,13 @@ fn summary(s: &pb::RunStatus) -> String {
     );
     let _ = writeln!(
         out,
-        "  sent {}  accepted {} ({:.2}%)  failed {} (timeouts {}, connection {}, status {:?})  dropped {}",
+        "  sent {}  accepted {} ({:.2}%)  failed {} (timeouts {} of which {} answered 200 late, connection {}, status {:?})  dropped {}",
         t.sent,
         t.accepted,
         t.success_percent(),
         t.failed,
         t.timeouts,
+        t.late_accepted,
         t.connect_errors,
         t.status,
         t.dropped
@@ -828,6 +865,7 @@ fn counters_json(c: &pb::Counters) -> Value {
         "dropped": c.dropped,
         "bytes": c.bytes,
         "timeouts": c.timeouts,
+        "late_accepted": c.late_accepted,
         "connect_errors": c.connect_errors,
         "status": c.status.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
         "bad_lines": c.bad_lines,
@@ -844,6 +882,7 @@ fn phase_name(p: i32) -> &'static str {
         pb::Phase::Backoff => "backoff",
         pb::Phase::Failed => "failed",
         pb::Phase::Exited => "exited",
+        pb::Phase::Stopping => "stopping",
     }
 }
 
@@ -957,14 +996,20 @@ pub async fn stop(a: CoordArg) -> Result<ExitCode> {
         .await
         .map_err(status_error)?
         .into_inner();
-    println!(
-        "{}",
-        if r.was_running {
-            "run stopped"
-        } else {
-            "no run was in progress"
-        }
-    );
+    if !r.was_running {
+        println!("no run was in progress");
+        return Ok(ExitCode::SUCCESS);
+    }
+    // Returns once the numbers are final, so that a script reading `status` next reads them.
+    let run_id = client
+        .status(pb::StatusRequest {})
+        .await
+        .map_err(status_error)?
+        .into_inner()
+        .run_id;
+    eprintln!("run stopped; waiting for the simulators' last counts");
+    let status = settled(&mut client, &run_id).await?;
+    print!("{}", summary(&status));
     Ok(ExitCode::SUCCESS)
 }
 

@@ -56,7 +56,8 @@ enum Cmd {
     Run(RunArgs),
     /// Show the current run.
     Status(StatusArgs),
-    /// Stop the current run.
+    /// Stop the current run; returns once every simulator has sent its last counts, and
+    /// prints the final totals.
     Stop(CoordArg),
     /// List the agents that joined.
     Agents(AgentsArgs),

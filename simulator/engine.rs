@@ -42,6 +42,10 @@ pub struct Counters {
     pub bytes: AtomicU64,
     pub in_flight: AtomicU64,
     pub timeout: AtomicU64,
+    /// Timed-out requests the target answered 200 after all (within `--late-window`).
+    pub late_accepted: AtomicU64,
+    /// Timed-out connections still watched for a late answer.
+    pub late_pending: AtomicU64,
     pub connect: AtomicU64,
     pub active: AtomicU64,
     pub max_lag_us: AtomicU64,
@@ -76,6 +80,7 @@ impl Counters {
             elapsed_s: started.elapsed().as_secs_f64(),
             sent: self.sent.load(Relaxed),
             accepted: self.accepted.load(Relaxed),
+            late_accepted: self.late_accepted.load(Relaxed),
             failed: failures.total(),
             failures,
             dropped: self.dropped.load(Relaxed),
@@ -200,6 +205,7 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>) -> Result<()> {
         cfg.host.clone(),
         cfg.port,
         args.timeout,
+        args.late_window,
         args.max_in_flight,
         counters.clone(),
     );
@@ -308,15 +314,26 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>) -> Result<()> {
         }
     }
 
-    // Closing the lanes' channels lets each finish its request in flight, then exit.
+    // Closing the lanes' channels lets each finish its request in flight, then exit. Late
+    // answers get one more timeout, no more: a target that stays silent must not hold a stop
+    // for the whole late window.
     drop(lanes);
     counters.active.store(0, Relaxed);
-    let in_flight = counters.in_flight.load(Relaxed);
-    if in_flight > 0 {
-        tracing::info!(in_flight, "waiting for outstanding requests");
+    let outstanding = || counters.in_flight.load(Relaxed) + counters.late_pending.load(Relaxed);
+    if outstanding() > 0 {
+        tracing::info!(
+            in_flight = counters.in_flight.load(Relaxed),
+            late_pending = counters.late_pending.load(Relaxed),
+            "waiting for outstanding requests"
+        );
     }
-    let drain_end = Instant::now() + args.timeout + Duration::from_millis(200);
-    while counters.in_flight.load(Relaxed) > 0 && Instant::now() < drain_end {
+    // Requests in flight end by themselves within a timeout; the late answers they may turn
+    // into get at most one timeout more.
+    let drain_end = Instant::now()
+        + args.timeout
+        + args.timeout.min(args.late_window)
+        + Duration::from_millis(200);
+    while outstanding() > 0 && Instant::now() < drain_end {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let _ = done_tx.send(true);

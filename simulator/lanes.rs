@@ -3,6 +3,11 @@
 //! when none is idle a new lane (connection) opens, up to `--max-in-flight`; beyond that the
 //! tick is dropped. Idle lanes are reused last-in first-out, so the number of open connections
 //! follows the load instead of the cap.
+//!
+//! A request that times out is failed, as the contract says, but its connection is not simply
+//! dropped: a backend that stalls still answers what it had already read once it thaws. The
+//! connection goes to a watcher that keeps reading for `--late-window` and counts a 200 that
+//! arrives late, so every message the backend accepted is known to the load generator too.
 
 use crate::engine::Counters;
 use std::io;
@@ -11,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
 use vtox::http1::{chunked_end, parse_head, Framing, ResponseHead};
 
 /// A request ready to go: `bytes[start..]` is the whole HTTP request.
@@ -29,6 +34,10 @@ struct Shared {
     timeout: Duration,
     counters: Arc<Counters>,
     idle: Mutex<Vec<usize>>,
+    late_window: Duration,
+    /// Bounds the connections watched for late answers; beyond it a timed-out connection is
+    /// closed as before and its outcome stays unknown.
+    late_slots: Arc<Semaphore>,
 }
 
 pub struct Lanes {
@@ -42,6 +51,7 @@ impl Lanes {
         host: String,
         port: u16,
         timeout: Duration,
+        late_window: Duration,
         max: usize,
         counters: Arc<Counters>,
     ) -> Self {
@@ -51,6 +61,8 @@ impl Lanes {
             timeout,
             counters,
             idle: Mutex::new(Vec::new()),
+            late_window,
+            late_slots: Arc::new(Semaphore::new(max)),
         });
         Lanes {
             senders: Vec::new(),
@@ -109,14 +121,17 @@ async fn run_lane(id: usize, mut rx: mpsc::Receiver<Job>, shared: Arc<Shared>) {
     let mut rbuf: Vec<u8> = Vec::with_capacity(4096);
     while let Some(job) = rx.recv().await {
         let deadline = tokio::time::Instant::from_std(job.created + shared.timeout);
-        let result =
-            match tokio::time::timeout_at(deadline, exchange(&mut conn, &job, &mut rbuf, &shared))
-                .await
-            {
-                Ok(Ok(status)) => Ok(status),
-                Ok(Err(_)) => Err(Failure::Connect),
-                Err(_) => Err(Failure::Timeout),
-            };
+        let mut written = false;
+        let result = match tokio::time::timeout_at(
+            deadline,
+            exchange(&mut conn, &job, &mut rbuf, &mut written, &shared),
+        )
+        .await
+        {
+            Ok(Ok(status)) => Ok(status),
+            Ok(Err(_)) => Err(Failure::Connect),
+            Err(_) => Err(Failure::Timeout),
+        };
         let c = &shared.counters;
         match result {
             Ok(status) => {
@@ -131,9 +146,12 @@ async fn run_lane(id: usize, mut rx: mpsc::Receiver<Job>, shared: Arc<Shared>) {
             }
             Err(f) => {
                 // Whatever state the connection is in, it cannot carry another request.
-                conn = None;
+                let stale = conn.take();
                 match f {
                     Failure::Timeout => {
+                        if let (Some(stream), true) = (stale, written) {
+                            watch_late(stream, std::mem::take(&mut rbuf), &job, &shared);
+                        }
                         c.tally(crate::tally::TALLY_TIMEOUT, 1);
                         c.timeout.fetch_add(1, Relaxed)
                     }
@@ -153,11 +171,39 @@ async fn run_lane(id: usize, mut rx: mpsc::Receiver<Job>, shared: Arc<Shared>) {
     }
 }
 
+/// Watches a timed-out request's connection for the answer the backend may still give, up to
+/// the late window, and counts a late 200. Only a request written whole is watched: a partial
+/// one can never be accepted.
+fn watch_late(mut stream: TcpStream, mut rbuf: Vec<u8>, job: &Job, shared: &Arc<Shared>) {
+    if shared.late_window.is_zero() {
+        return;
+    }
+    let Ok(permit) = shared.late_slots.clone().try_acquire_owned() else {
+        return;
+    };
+    let counters = shared.counters.clone();
+    let until = tokio::time::Instant::from_std(job.created + shared.timeout + shared.late_window);
+    counters.late_pending.fetch_add(1, Relaxed);
+    tokio::spawn(async move {
+        let answer = tokio::time::timeout_at(until, read_response(&mut stream, &mut rbuf)).await;
+        if let Ok(Ok(head)) = answer {
+            if head.status == 200 {
+                counters.late_accepted.fetch_add(1, Relaxed);
+                counters.tally(crate::tally::TALLY_LATE, 1);
+            }
+        }
+        counters.late_pending.fetch_sub(1, Relaxed);
+        drop(permit);
+    });
+}
+
 /// Sends the job on the lane's connection (opening one if needed) and reads the answer.
+/// `written` tells the caller, should this be cut short, whether the request went out whole.
 async fn exchange(
     conn: &mut Option<TcpStream>,
     job: &Job,
     rbuf: &mut Vec<u8>,
+    written: &mut bool,
     shared: &Shared,
 ) -> io::Result<u16> {
     for _ in 0..2 {
@@ -171,7 +217,8 @@ async fn exchange(
             }
         };
         rbuf.clear();
-        match roundtrip(stream, &job.bytes[job.start..], rbuf).await {
+        *written = false;
+        match roundtrip(stream, &job.bytes[job.start..], rbuf, written).await {
             Ok(head) => {
                 if !head.keep_alive {
                     *conn = None;
@@ -199,8 +246,15 @@ async fn roundtrip(
     stream: &mut TcpStream,
     request: &[u8],
     rbuf: &mut Vec<u8>,
+    written: &mut bool,
 ) -> io::Result<ResponseHead> {
     stream.write_all(request).await?;
+    *written = true;
+    read_response(stream, rbuf).await
+}
+
+/// Reads one whole response, continuing from whatever `rbuf` already holds.
+async fn read_response(stream: &mut TcpStream, rbuf: &mut Vec<u8>) -> io::Result<ResponseHead> {
     let mut head: Option<ResponseHead> = None;
     loop {
         if rbuf.capacity() - rbuf.len() < 1024 {

@@ -65,6 +65,11 @@ pub struct Args {
     /// A request without a complete answer after this long counts as failed (timeout).
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub timeout: Duration,
+    /// How long a timed-out request's connection stays open for the answer a stalled target
+    /// may still give. A late 200 stays a failure (timeout) but is counted as `late_accepted`,
+    /// so the messages the target really took are known exactly. 0 closes it at once.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub late_window: Duration,
     /// Most requests outstanding at once; a tick beyond it is dropped, never queued.
     #[arg(long, default_value_t = 1024)]
     pub max_in_flight: usize,

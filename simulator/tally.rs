@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 /// Slots of the file, each a native-endian u64; the agent reads the same layout
 /// (`vtox::metrics::TALLY_SLOTS`).
 pub use vtox::metrics::{
-    TALLY_ACCEPTED, TALLY_BYTES, TALLY_CONNECT, TALLY_DROPPED, TALLY_FAILED, TALLY_SENT,
-    TALLY_SLOTS, TALLY_TIMEOUT,
+    TALLY_ACCEPTED, TALLY_BYTES, TALLY_CONNECT, TALLY_DROPPED, TALLY_FAILED, TALLY_LATE,
+    TALLY_SENT, TALLY_SLOTS, TALLY_TIMEOUT,
 };
 
 pub struct Tally {

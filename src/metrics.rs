@@ -146,6 +146,7 @@ pub const TALLY_DROPPED: usize = 3;
 pub const TALLY_BYTES: usize = 4;
 pub const TALLY_TIMEOUT: usize = 5;
 pub const TALLY_CONNECT: usize = 6;
+pub const TALLY_LATE: usize = 7;
 pub const TALLY_SLOTS: usize = 8;
 
 /// Reads a tally file's counters; None when it is missing or short.
@@ -215,6 +216,10 @@ pub struct SimReport {
     pub sent: u64,
     /// Answered 200.
     pub accepted: u64,
+    /// Timed out (so counted in `failed`), then answered 200 after all: the target took these
+    /// messages too, only too late.
+    #[serde(default)]
+    pub late_accepted: u64,
     /// Failed for any cause (the sum of `failures`).
     pub failed: u64,
     #[serde(default)]

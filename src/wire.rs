@@ -24,6 +24,7 @@ impl pb::Counters {
             dropped: r.dropped,
             bytes: r.bytes,
             timeouts: r.failures.timeout,
+            late_accepted: r.late_accepted,
             connect_errors: r.failures.connect,
             status: r
                 .failures
@@ -47,6 +48,7 @@ impl pb::Counters {
         self.dropped += o.dropped;
         self.bytes += o.bytes;
         self.timeouts += o.timeouts;
+        self.late_accepted += o.late_accepted;
         self.connect_errors += o.connect_errors;
         for (k, v) in &o.status {
             *self.status.entry(*k).or_default() += v;

@@ -232,6 +232,54 @@ fn sigterm_stops_gracefully_with_a_final_line() {
     assert_eq!(report.active_vehicles, 0);
 }
 
+/// Runs 10 vehicles for 2 s against a sink that answers every request after 1.5 s, with a
+/// 1 s timeout; returns the simulator's final line and the sink's accepted count.
+fn against_a_stalled_sink(late_window: &str) -> (SimReport, u64) {
+    let (_sink, addr) = sink(&["--delay", "1.5s"]);
+    let target = format!("http://{addr}");
+    let mut sim = Proc::spawn_piped(
+        "vtox-sim",
+        &[
+            "--vehicles",
+            "10",
+            "--target",
+            &target,
+            "--interval",
+            "0.25s",
+            "--timeout",
+            "1s",
+            "--late-window",
+            late_window,
+            "--duration",
+            "2s",
+        ],
+    );
+    let rx = lines(&mut sim);
+    let report = final_report(&rx, Duration::from_secs(20));
+    let accepted = get_json(&addr, "/stats").expect("sink stats")["accepted"]
+        .as_u64()
+        .expect("accepted");
+    (report, accepted)
+}
+
+#[test]
+fn late_answers_are_counted_so_the_sink_total_is_known() {
+    // Every request times out, yet the sink takes each one half a second later: the
+    // simulator watches the connection and learns exactly which it took.
+    let (r, sink_accepted) = against_a_stalled_sink("30s");
+    assert!(r.sent >= 40, "{r:?}");
+    assert_eq!(r.accepted, 0);
+    assert_eq!(r.failures.timeout, r.sent, "each request timed out: {r:?}");
+    assert_eq!(r.late_accepted, r.sent, "each was answered late: {r:?}");
+    assert_eq!(sink_accepted, r.late_accepted);
+
+    // Without the watch the connection closes at the timeout and the sink drops the request
+    // it was still holding: nothing is taken, nothing is counted as taken.
+    let (r, sink_accepted) = against_a_stalled_sink("0s");
+    assert_eq!(r.failures.timeout, r.sent);
+    assert_eq!((r.late_accepted, sink_accepted), (0, 0), "{r:?}");
+}
+
 #[test]
 fn an_unreachable_target_counts_connection_failures() {
     let target = format!("http://127.0.0.1:{}", free_port());
