@@ -64,6 +64,14 @@ struct Instance {
     last_error: String,
 }
 
+/// A process told to stop: it finishes its requests in flight and exits by itself, or is
+/// killed when it overstays (its tally still has its counts).
+struct Stopping {
+    index: u32,
+    incarnation: u64,
+    kill_at: Instant,
+}
+
 pub struct Supervisor {
     cfg: Config,
     epoch: u64,
@@ -72,8 +80,8 @@ pub struct Supervisor {
     instances: BTreeMap<u32, Instance>,
     /// Ended incarnations of the current run; reported so that no count is ever lost.
     history: Vec<pb::InstanceStatus>,
-    /// Processes told to stop that have not exited yet.
-    stopping: BTreeMap<u32, u32>,
+    /// Processes told to stop that have not exited yet, by pid.
+    stopping: BTreeMap<u32, Stopping>,
     last_heard: Instant,
     /// Set when the lease expired: the next assignment is applied even if its epoch is known.
     lapsed: bool,
@@ -232,7 +240,14 @@ impl Supervisor {
             tracing::info!(instance = idx, why, "stopping");
             if let Some(pid) = inst.pid {
                 signal(pid, libc::SIGTERM);
-                self.stopping.insert(pid, idx);
+                self.stopping.insert(
+                    pid,
+                    Stopping {
+                        index: idx,
+                        incarnation: inst.incarnation,
+                        kill_at: Instant::now() + self.stop_grace(),
+                    },
+                );
             }
             let mut ended = status_of(&self.run_id, idx, &inst);
             // Stopped on purpose: whatever it was doing, it is not running any more. Its
@@ -246,6 +261,13 @@ impl Supervisor {
             }
             self.history.push(ended);
         }
+    }
+
+    /// How long a stopping simulator may take: its requests in flight get a timeout, the late
+    /// answers it waits for one more (see vtox-sim's drain), plus a margin.
+    fn stop_grace(&self) -> Duration {
+        let timeout_s = self.spec.as_ref().map_or(5.0, |s| s.timeout_s);
+        Duration::from_secs_f64(2.0 * timeout_s.clamp(0.0, 600.0) + 5.0)
     }
 
     fn stop_all(&mut self, why: &str) {
@@ -269,6 +291,16 @@ impl Supervisor {
 
     fn tick(&mut self) {
         let now = Instant::now();
+        for (pid, st) in self.stopping.iter_mut().filter(|(_, st)| st.kill_at <= now) {
+            tracing::warn!(
+                instance = st.index,
+                pid,
+                "simulator did not stop in time; killing it"
+            );
+            signal(*pid, libc::SIGKILL);
+            // Once is enough; its exit arrives as an event like any other.
+            st.kill_at = now + Duration::from_secs(3600);
+        }
         if self.check_lease(now) {
             return;
         }
@@ -492,7 +524,8 @@ impl Supervisor {
                     .get_mut(&index)
                     .filter(|i| i.incarnation == incarnation)
                 else {
-                    self.stopping.retain(|_, i| *i != index);
+                    self.stopping
+                        .retain(|_, st| (st.index, st.incarnation) != (index, incarnation));
                     self.stopped(index, incarnation, success);
                     return;
                 };
@@ -629,7 +662,7 @@ impl Supervisor {
             .chain(self.stopping.keys().copied())
             .collect();
         self.stop_all("agent shutting down");
-        let deadline = Instant::now() + Duration::from_secs(6);
+        let deadline = Instant::now() + self.stop_grace();
         let mut left = pids.len();
         while left > 0 && Instant::now() < deadline {
             match tokio::time::timeout_at(deadline.into(), events.recv()).await {

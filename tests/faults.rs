@@ -588,6 +588,10 @@ struct FakeSim {
 
 impl FakeSim {
     fn start(tag: &str, script: &str) -> FakeSim {
+        Self::start_with(tag, script, &[])
+    }
+
+    fn start_with(tag: &str, script: &str, run_args: &[&str]) -> FakeSim {
         let logs = TempDir::new(tag);
         let fake = logs.0.join("fake-sim");
         std::fs::write(&fake, script).expect("write the fake simulator");
@@ -610,20 +614,18 @@ impl FakeSim {
             ],
         );
         let coord_url = format!("http://{coord}");
-        let run = Proc::spawn_env(
-            "vtox-coord",
-            &[
-                "run",
-                "10",
-                "--coord",
-                &coord_url,
-                "--target",
-                "http://127.0.0.1:9",
-                "--duration",
-                "60s",
-            ],
-            &[],
-        );
+        let mut args = vec![
+            "run",
+            "10",
+            "--coord",
+            &coord_url,
+            "--target",
+            "http://127.0.0.1:9",
+            "--duration",
+            "60s",
+        ];
+        args.extend_from_slice(run_args);
+        let run = Proc::spawn_env("vtox-coord", &args, &[]);
         FakeSim {
             coord_url,
             logs,
@@ -651,6 +653,44 @@ fn unparsable_metric_lines_are_counted_and_skipped() {
         let t = f.status()?["totals"].clone();
         (t["bad_lines"] == 2 && t["accepted"] == 5).then_some(())
     });
+}
+
+#[test]
+fn a_simulator_that_ignores_stop_is_killed_and_its_counts_kept() {
+    // Ignores SIGTERM, reports once, then hangs: the agent kills it after twice the request
+    // timeout plus 5 s, and `stop` returns only once it is gone, with its counts.
+    let f = FakeSim::start_with(
+        "nostop",
+        "#!/bin/sh\ntrap '' TERM\necho '{\"sent\":4,\"accepted\":4,\"failed\":0,\"dropped\":0,\"bytes\":10}'\nwhile :; do sleep 1; done\n",
+        &["--timeout", "1s"],
+    );
+    wait_for("the simulator reporting", Duration::from_secs(20), || {
+        (f.status()?["totals"]["accepted"] == 4).then_some(())
+    });
+    let agent = f._procs[1].pid();
+    assert_eq!(children_of(agent).len(), 1);
+    let out = Command::new(bin("vtox-coord"))
+        .args(["stop", "--coord", &f.coord_url])
+        .stdin(Stdio::null())
+        .output()
+        .expect("stop");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains("have not reported"), "{stderr}");
+    assert!(stdout.contains("accepted 4"), "{stdout}");
+    let s = f.status().expect("status");
+    let phases: Vec<_> = s["agents"][0]["instances"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|i| i["phase"].as_str().unwrap_or("").to_owned())
+        .collect();
+    assert_eq!(phases, ["exited"], "{s}");
+    assert_eq!(s["totals"]["accepted"], 4);
+    assert!(children_of(agent).is_empty(), "the simulator is gone");
 }
 
 #[test]
