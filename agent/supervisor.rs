@@ -11,11 +11,16 @@ use tokio::sync::{mpsc, oneshot};
 use vtox::metrics::SimReport;
 use vtox::wire::pb::{self, Phase};
 
-/// Restart backoff: 1 s doubling to 30 s; five crashes within a minute mark the instance failed.
+/// Restart backoff: 1 s doubling to 30 s; a crash after five restarts within a minute marks
+/// the instance failed.
 const BACKOFF_FIRST: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Five restarts within this window and a sixth crash mark an instance failed.
 const CRASH_WINDOW: Duration = Duration::from_secs(60);
-const CRASH_LIMIT: usize = 5;
+const RESTART_LIMIT: usize = 5;
+/// Crashes older than this no longer lengthen the backoff: an instance that ran quietly for
+/// ten minutes is restarted after 1 s again, as Kubernetes resets its crash backoff.
+const BACKOFF_MEMORY: Duration = Duration::from_secs(600);
 
 pub struct Config {
     pub sim_bin: PathBuf,
@@ -680,27 +685,44 @@ impl Supervisor {
 /// Schedules a restart with backoff, or marks the instance failed when it crash-loops.
 fn crashed(inst: &mut Instance, now: Instant) {
     inst.crashes.push_back(now);
-    while inst
-        .crashes
+    match restart_after(&mut inst.crashes, now) {
+        None => {
+            tracing::error!(
+                instance = inst.spec.index,
+                "crash loop: {RESTART_LIMIT} restarts within a minute and it crashed again; giving up"
+            );
+            inst.phase = Phase::Failed;
+        }
+        Some(backoff) => {
+            inst.restarts += 1;
+            inst.phase = Phase::Backoff;
+            inst.next_start = now + backoff;
+        }
+    }
+}
+
+/// When to restart after the crashes so far (the latest at `now`), or None when the instance
+/// crash-loops. Forgets crashes older than `BACKOFF_MEMORY`.
+fn restart_after(crashes: &mut VecDeque<Instant>, now: Instant) -> Option<Duration> {
+    while crashes
         .front()
-        .is_some_and(|t| now.duration_since(*t) > CRASH_WINDOW)
+        .is_some_and(|t| now.duration_since(*t) > BACKOFF_MEMORY)
     {
-        inst.crashes.pop_front();
+        crashes.pop_front();
     }
-    if inst.crashes.len() >= CRASH_LIMIT {
-        tracing::error!(
-            instance = inst.spec.index,
-            "crash loop: {CRASH_LIMIT} crashes within a minute; giving up"
-        );
-        inst.phase = Phase::Failed;
-        return;
+    let recent = crashes
+        .iter()
+        .filter(|t| now.duration_since(**t) <= CRASH_WINDOW)
+        .count();
+    if recent > RESTART_LIMIT {
+        return None;
     }
-    let backoff = BACKOFF_FIRST
-        .saturating_mul(1u32 << inst.restarts.min(5))
-        .min(BACKOFF_MAX);
-    inst.restarts += 1;
-    inst.phase = Phase::Backoff;
-    inst.next_start = now + backoff;
+    let doublings = crashes.len().saturating_sub(1).min(5) as u32;
+    Some(
+        BACKOFF_FIRST
+            .saturating_mul(1 << doublings)
+            .min(BACKOFF_MAX),
+    )
 }
 
 fn status_of(run_id: &str, idx: u32, inst: &Instance) -> pb::InstanceStatus {
@@ -820,6 +842,46 @@ mod tests {
         assert_eq!(TallyKey::parse(name), Some(k));
         assert_eq!(TallyKey::parse("instance-0.tally"), None);
         assert_eq!(TallyKey::parse(".1.2.3.4.tally"), None);
+    }
+
+    #[test]
+    fn backoff_doubles_to_30_s_gives_up_on_a_crash_loop_and_forgets() {
+        let t0 = Instant::now();
+        let secs = |s: u64| t0 + Duration::from_secs(s);
+        let mut crashes = VecDeque::new();
+        // Crashing at once after each restart: 1, 2, 4, 8, 16 s, then the sixth crash within
+        // a minute (at 31 s) is a crash loop.
+        let mut at = 0;
+        let mut waits = Vec::new();
+        loop {
+            crashes.push_back(secs(at));
+            match restart_after(&mut crashes, secs(at)) {
+                Some(d) => {
+                    waits.push(d.as_secs());
+                    at += d.as_secs();
+                }
+                None => break,
+            }
+        }
+        assert_eq!(waits, [1, 2, 4, 8, 16]);
+        assert_eq!(at, 31);
+
+        // Crashing every 40 s never makes five restarts a minute: the wait grows to 30 s.
+        let mut crashes = VecDeque::new();
+        let waits: Vec<u64> = (0..8)
+            .map(|i| {
+                crashes.push_back(secs(i * 40));
+                restart_after(&mut crashes, secs(i * 40)).map_or(0, |d| d.as_secs())
+            })
+            .collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 30, 30, 30]);
+
+        // Ten quiet minutes later the backoff starts over.
+        crashes.push_back(secs(7 * 40 + 601));
+        assert_eq!(
+            restart_after(&mut crashes, secs(7 * 40 + 601)),
+            Some(Duration::from_secs(1))
+        );
     }
 
     #[test]
