@@ -807,6 +807,15 @@ async fn settled(client: &mut ControlClient, run_id: &str) -> Result<pb::RunStat
     }
 }
 
+/// "1 agent", "3 agents".
+fn plural(n: u64, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
 fn summary(s: &pb::RunStatus) -> String {
     let t = s.totals.clone().unwrap_or_default();
     let (p50, p95, p99, max) = percentiles(&t);
@@ -814,27 +823,45 @@ fn summary(s: &pb::RunStatus) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "run {} {} after {:.1} s: {} vehicles on {} agents in {} instances",
+        "run {} {} after {:.1} s: {} vehicles on {} in {}",
         s.run_id,
         s.state,
         s.elapsed_s,
         s.vehicles,
-        s.agents.len(),
-        instances
+        plural(s.agents.len() as u64, "agent"),
+        plural(u64::from(instances), "instance"),
     );
     let _ = writeln!(
         out,
-        "  sent {}  accepted {} ({:.2}%)  failed {} (timeouts {} of which {} answered 200 late, connection {}, status {:?})  dropped {}",
+        "  sent {}  accepted {} ({:.2}%)  failed {}  dropped {}",
         t.sent,
         t.accepted,
         t.success_percent(),
         t.failed,
-        t.timeouts,
-        t.late_accepted,
-        t.connect_errors,
-        t.status,
         t.dropped
     );
+    if t.failed > 0 {
+        let mut causes = Vec::new();
+        if t.timeouts > 0 {
+            causes.push(if t.late_accepted > 0 {
+                format!(
+                    "{} timed out ({} of them answered 200 later)",
+                    t.timeouts, t.late_accepted
+                )
+            } else {
+                format!("{} timed out", t.timeouts)
+            });
+        }
+        if t.connect_errors > 0 {
+            causes.push(format!("{} connection errors", t.connect_errors));
+        }
+        causes.extend(
+            t.status
+                .iter()
+                .map(|(code, n)| format!("{n} × HTTP {code}")),
+        );
+        let _ = writeln!(out, "  failures: {}", causes.join(", "));
+    }
     let _ = writeln!(
         out,
         "  latency ms: p50 {p50:.1}  p95 {p95:.1}  p99 {p99:.1}  max {max:.1}"
@@ -1087,4 +1114,52 @@ pub async fn agents(a: AgentsArgs) -> Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_summary_names_failures_by_cause_and_only_when_there_are_some() {
+        let mut s = pb::RunStatus {
+            run_id: "run-1".into(),
+            state: "finished".into(),
+            vehicles: 50,
+            agents: vec![pb::AgentStatus {
+                instances_planned: 1,
+                ..Default::default()
+            }],
+            totals: Some(pb::Counters {
+                sent: 10,
+                accepted: 10,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let text = summary(&s);
+        assert!(
+            text.contains("50 vehicles on 1 agent in 1 instance\n"),
+            "{text}"
+        );
+        assert!(!text.contains("failures"), "{text}");
+
+        s.totals = Some(pb::Counters {
+            sent: 10,
+            accepted: 4,
+            failed: 6,
+            timeouts: 3,
+            late_accepted: 2,
+            connect_errors: 1,
+            status: [(503, 2)].into_iter().collect(),
+            ..Default::default()
+        });
+        let text = summary(&s);
+        assert!(
+            text.contains(
+                "failures: 3 timed out (2 of them answered 200 later), 1 connection errors, 2 × HTTP 503"
+            ),
+            "{text}"
+        );
+    }
 }
