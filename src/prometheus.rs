@@ -74,6 +74,18 @@ fn families(out: &mut String, rows: &[(String, pb::Counters)]) {
     );
     counter_family(
         out,
+        "vtox_messages_timed_out_total",
+        "Messages failed because no answer came within the request timeout.",
+        &pick(|c| c.timeouts),
+    );
+    counter_family(
+        out,
+        "vtox_messages_accepted_late_total",
+        "Timed-out messages the target answered 200 after all (the target took them).",
+        &pick(|c| c.late_accepted),
+    );
+    counter_family(
+        out,
         "vtox_messages_dropped_total",
         "Ticks dropped by the generator (in-flight cap full or too late).",
         &pick(|c| c.dropped),
@@ -170,6 +182,8 @@ mod tests {
         let c = pb::Counters {
             sent: 3,
             accepted: 3,
+            timeouts: 2,
+            late_accepted: 1,
             latency_hdr: l.to_bytes(),
             ..Default::default()
         };
@@ -189,6 +203,8 @@ mod tests {
             text.contains("vtox_messages_accepted_total{agent=\"a\\\"b\"} 3"),
             "{text}"
         );
+        assert!(text.contains("vtox_messages_timed_out_total{agent=\"a\\\"b\"} 2"));
+        assert!(text.contains("vtox_messages_accepted_late_total{agent=\"a\\\"b\"} 1"));
         assert!(text.contains("vtox_latency_seconds_bucket{le=\"0.001\"} 1"));
         assert!(text.contains("vtox_latency_seconds_bucket{le=\"0.0025\"} 2"));
         assert!(text.contains("vtox_latency_seconds_bucket{le=\"+Inf\"} 3"));
