@@ -2,9 +2,10 @@
 # bench/chaos.sh: a two-minute chaos soak on loopback. A sink, a coordinator with a state dir
 # and three agents drive 300 vehicles while random faults hit them every few seconds: kill -9
 # a simulator, kill -9 an agent (restarted like systemd would), freeze an agent past its lease,
-# restart the coordinator. At the end it prints the sink's conflicts and duplicates (both must
-# be 0) and the accounting: coordinator accepted + answered late <= sink accepted <= that +
-# what no simulator could see (in flight at a kill -9, timed out and never answered).
+# restart the coordinator, freeze the sink past the request timeout. At the end it prints the
+# sink's conflicts and duplicates (both must be 0) and the accounting: coordinator accepted +
+# answered late <= sink accepted <= that + what no simulator could see (in flight at a kill -9,
+# timed out and never answered).
 #   bash bench/chaos.sh            env: SOAK (120 s), VEHICLES (300), SEED (random), SKIP_BUILD=1
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -50,12 +51,13 @@ log "soaking for ${SOAK}s (seed $SEED)"
 end=$((SECONDS + SOAK))
 while ((SECONDS < end)); do
   names=(a b c); a=${names[$((RANDOM % 3))]}
-  case $((RANDOM % 4)) in
+  case $((RANDOM % 5)) in
     0) sim=$(pgrep -P "${agent_pid[$a]}" | head -1 || true)
        [[ -n "$sim" ]] && { log "kill -9 a simulator of $a ($sim)"; kill -9 "$sim" 2>/dev/null || true; } ;;
     1) log "kill -9 agent $a, restarting it in 2 s"; kill -9 "${agent_pid[$a]}" 2>/dev/null || true; sleep 2; start_agent "$a" ;;
     2) log "freeze agent $a for 5 s"; kill -STOP "${agent_pid[$a]}" 2>/dev/null || true; sleep 5; kill -CONT "${agent_pid[$a]}" 2>/dev/null || true ;;
     3) log "restart the coordinator"; kill -9 "$coord_pid" 2>/dev/null || true; sleep 1; start_coord ;;
+    4) log "freeze the sink for 8 s (past the 5 s timeout)"; kill -STOP "${pids[0]}"; sleep 8; kill -CONT "${pids[0]}" ;;
   esac
   sleep $((3 + RANDOM % 5))
 done
