@@ -809,6 +809,7 @@ fn apply_tally(c: &mut pb::Counters, t: &[u64; vtox::metrics::TALLY_SLOTS]) {
     c.bytes = c.bytes.max(t[TALLY_BYTES]);
     c.timeouts = c.timeouts.max(t[TALLY_TIMEOUT]);
     c.late_accepted = c.late_accepted.max(t[TALLY_LATE]);
+    c.timeouts_unsent = c.timeouts_unsent.max(t[TALLY_UNSENT]);
     c.connect_errors = c.connect_errors.max(t[TALLY_CONNECT]);
 }
 

@@ -71,7 +71,7 @@ stats = json.loads(sys.argv[2]); n = int(sys.argv[3])
 t = summary.get("totals", {})
 acc, late, sink_acc = t.get("accepted", 0), t.get("late_accepted", 0), stats["accepted"]
 to = t.get("timeouts", 0)
-unknown = t.get("sent", 0) - acc - t.get("failed", 0) + to - late
+unknown = t.get("sent", 0) - acc - t.get("failed", 0) + to - late - t.get("timeouts_unsent", 0)
 known = acc + late
 print(f"vehicles seen {stats['vehicles']}/{n}  conflicts {stats['conflicts']}  duplicates {stats['duplicates']}")
 print(f"coordinator accepted {acc} + {late} answered late = {known}  sink accepted {sink_acc}  difference {sink_acc - known} ({(sink_acc - known) * 100 / max(1, sink_acc):.3f}%)  outcome unknown {unknown}")

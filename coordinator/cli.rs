@@ -894,6 +894,7 @@ fn counters_json(c: &pb::Counters) -> Value {
         "bytes": c.bytes,
         "timeouts": c.timeouts,
         "late_accepted": c.late_accepted,
+        "timeouts_unsent": c.timeouts_unsent,
         "connect_errors": c.connect_errors,
         "status": c.status.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
         "bad_lines": c.bad_lines,

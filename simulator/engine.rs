@@ -42,6 +42,8 @@ pub struct Counters {
     pub bytes: AtomicU64,
     pub in_flight: AtomicU64,
     pub timeout: AtomicU64,
+    /// Of `timeout`: the request never went out whole.
+    pub timeout_unsent: AtomicU64,
     /// Timed-out requests the target answered 200 after all (within `--late-window`).
     pub late_accepted: AtomicU64,
     /// Timed-out connections still watched for a late answer.
@@ -68,6 +70,7 @@ impl Counters {
         let failures = Failures {
             status,
             timeout: self.timeout.load(Relaxed),
+            timeout_unsent: self.timeout_unsent.load(Relaxed),
             connect: self.connect.load(Relaxed),
         };
         SimReport {

@@ -149,8 +149,14 @@ async fn run_lane(id: usize, mut rx: mpsc::Receiver<Job>, shared: Arc<Shared>) {
                 let stale = conn.take();
                 match f {
                     Failure::Timeout => {
-                        if let (Some(stream), true) = (stale, written) {
-                            watch_late(stream, std::mem::take(&mut rbuf), &job, &shared);
+                        match stale {
+                            Some(stream) if written => {
+                                watch_late(stream, std::mem::take(&mut rbuf), &job, &shared)
+                            }
+                            _ => {
+                                c.tally(crate::tally::TALLY_UNSENT, 1);
+                                c.timeout_unsent.fetch_add(1, Relaxed);
+                            }
                         }
                         c.tally(crate::tally::TALLY_TIMEOUT, 1);
                         c.timeout.fetch_add(1, Relaxed)

@@ -147,15 +147,18 @@ pub const TALLY_BYTES: usize = 4;
 pub const TALLY_TIMEOUT: usize = 5;
 pub const TALLY_CONNECT: usize = 6;
 pub const TALLY_LATE: usize = 7;
-pub const TALLY_SLOTS: usize = 8;
+pub const TALLY_UNSENT: usize = 8;
+pub const TALLY_SLOTS: usize = 16;
+/// Files of earlier versions had 8 slots; the newer ones read as 0 from them.
+const TALLY_SLOTS_MIN: usize = 8;
 
 /// Reads a tally file's counters; None when it is missing or short.
 pub fn read_tally(bytes: &[u8]) -> Option<[u64; TALLY_SLOTS]> {
-    if bytes.len() < TALLY_SLOTS * 8 {
+    if bytes.len() < TALLY_SLOTS_MIN * 8 {
         return None;
     }
     let mut out = [0u64; TALLY_SLOTS];
-    for (i, v) in out.iter_mut().enumerate() {
+    for (i, v) in out.iter_mut().enumerate().take(bytes.len() / 8) {
         let mut b = [0u8; 8];
         b.copy_from_slice(&bytes[i * 8..i * 8 + 8]);
         *v = u64::from_ne_bytes(b);
@@ -172,6 +175,10 @@ pub struct Failures {
     /// No complete answer within the request timeout.
     #[serde(default)]
     pub timeout: u64,
+    /// Of `timeout`: timed out before the request went out whole (connecting, or writing to a
+    /// target that stopped reading), so the target cannot have taken it.
+    #[serde(default)]
+    pub timeout_unsent: u64,
     /// The connection could not be made or broke.
     #[serde(default)]
     pub connect: u64,
@@ -187,6 +194,7 @@ impl Failures {
             *self.status.entry(*code).or_default() += n;
         }
         self.timeout += other.timeout;
+        self.timeout_unsent += other.timeout_unsent;
         self.connect += other.connect;
     }
 }
@@ -265,6 +273,19 @@ impl SimReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tally_files_of_both_sizes_read() {
+        let file: Vec<u8> = (1..=TALLY_SLOTS as u64)
+            .flat_map(u64::to_ne_bytes)
+            .collect();
+        let t = read_tally(&file).expect("current size");
+        assert_eq!((t[TALLY_SENT], t[TALLY_UNSENT]), (1, 9));
+        // An 8-slot file of an earlier version: the newer slots read as 0.
+        let t = read_tally(&file[..64]).expect("earlier size");
+        assert_eq!((t[TALLY_LATE], t[TALLY_UNSENT]), (8, 0));
+        assert_eq!(read_tally(&file[..63]), None);
+    }
 
     fn filled(values: impl IntoIterator<Item = u64>) -> Latency {
         let mut l = Latency::new();

@@ -25,6 +25,7 @@ impl pb::Counters {
             bytes: r.bytes,
             timeouts: r.failures.timeout,
             late_accepted: r.late_accepted,
+            timeouts_unsent: r.failures.timeout_unsent,
             connect_errors: r.failures.connect,
             status: r
                 .failures
@@ -49,6 +50,7 @@ impl pb::Counters {
         self.bytes += o.bytes;
         self.timeouts += o.timeouts;
         self.late_accepted += o.late_accepted;
+        self.timeouts_unsent += o.timeouts_unsent;
         self.connect_errors += o.connect_errors;
         for (k, v) in &o.status {
             *self.status.entry(*k).or_default() += v;

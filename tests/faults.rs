@@ -180,6 +180,8 @@ struct Accounting {
     /// Sent, but neither accepted nor failed: in flight when their simulator was killed.
     unanswered: u64,
     timeouts: u64,
+    /// Of `timeouts`: never went out whole, so not taken.
+    unsent: u64,
 }
 
 impl Accounting {
@@ -187,7 +189,7 @@ impl Accounting {
     /// (in flight at a kill, or timed out and never answered) can be in it.
     fn unseen(&self) -> Option<u64> {
         let known = self.coord + self.late;
-        let unknown = self.unanswered + self.timeouts - self.late;
+        let unknown = self.unanswered + self.timeouts - self.late - self.unsent;
         (known <= self.sink && self.sink - known <= unknown).then_some(self.sink - known)
     }
 }
@@ -235,6 +237,7 @@ impl Cluster {
                 late: t["late_accepted"].as_u64()?,
                 unanswered: t["sent"].as_u64()? - t["accepted"].as_u64()? - t["failed"].as_u64()?,
                 timeouts: t["timeouts"].as_u64()?,
+                unsent: t["timeouts_unsent"].as_u64()?,
             };
             (running == 0 && a.unseen().is_some()).then_some(a)
         })

@@ -281,6 +281,38 @@ fn late_answers_are_counted_so_the_sink_total_is_known() {
 }
 
 #[test]
+fn timeouts_that_never_went_out_are_told_apart() {
+    // A listener that never accepts: the kernel completes handshakes until its accept queue
+    // is full and takes the requests written to those; later connections hang in SYN_SENT.
+    // Both time out, but only the first kind can ever have been taken.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let target = format!("http://{}", listener.local_addr().expect("addr"));
+    let mut sim = Proc::spawn_piped(
+        "vtox-sim",
+        &[
+            "--vehicles",
+            "400",
+            "--target",
+            &target,
+            "--interval",
+            "0.5s",
+            "--timeout",
+            "1s",
+            "--late-window",
+            "0s",
+            "--duration",
+            "1.5s",
+        ],
+    );
+    let rx = lines(&mut sim);
+    let r = final_report(&rx, Duration::from_secs(20));
+    drop(listener);
+    assert_eq!(r.failures.timeout, r.sent, "{r:?}");
+    let unsent = r.failures.timeout_unsent;
+    assert!(unsent > 0 && unsent < r.failures.timeout, "{r:?}");
+}
+
+#[test]
 fn an_unreachable_target_counts_connection_failures() {
     let target = format!("http://127.0.0.1:{}", free_port());
     let mut sim = Proc::spawn_piped(
