@@ -74,7 +74,8 @@ struct Instance {
 struct Stopping {
     index: u32,
     incarnation: u64,
-    kill_at: Instant,
+    /// None once it was killed.
+    kill_at: Option<Instant>,
 }
 
 pub struct Supervisor {
@@ -250,7 +251,7 @@ impl Supervisor {
                     Stopping {
                         index: idx,
                         incarnation: inst.incarnation,
-                        kill_at: Instant::now() + self.stop_grace(),
+                        kill_at: Some(Instant::now() + self.stop_grace()),
                     },
                 );
             }
@@ -268,11 +269,8 @@ impl Supervisor {
         }
     }
 
-    /// How long a stopping simulator may take: its requests in flight get a timeout, the late
-    /// answers it waits for one more (see vtox-sim's drain), plus a margin.
     fn stop_grace(&self) -> Duration {
-        let timeout_s = self.spec.as_ref().map_or(5.0, |s| s.timeout_s);
-        Duration::from_secs_f64(2.0 * timeout_s.clamp(0.0, 600.0) + 5.0)
+        vtox::process::stop_grace(self.spec.as_ref().map_or(5.0, |s| s.timeout_s))
     }
 
     fn stop_all(&mut self, why: &str) {
@@ -296,15 +294,17 @@ impl Supervisor {
 
     fn tick(&mut self) {
         let now = Instant::now();
-        for (pid, st) in self.stopping.iter_mut().filter(|(_, st)| st.kill_at <= now) {
-            tracing::warn!(
-                instance = st.index,
-                pid,
-                "simulator did not stop in time; killing it"
-            );
-            signal(*pid, libc::SIGKILL);
-            // Once is enough; its exit arrives as an event like any other.
-            st.kill_at = now + Duration::from_secs(3600);
+        for (pid, st) in self.stopping.iter_mut() {
+            if st.kill_at.is_some_and(|t| t <= now) {
+                tracing::warn!(
+                    instance = st.index,
+                    pid,
+                    "simulator did not stop in time; killing it"
+                );
+                signal(*pid, libc::SIGKILL);
+                // Its exit arrives as an event like any other.
+                st.kill_at = None;
+            }
         }
         if self.check_lease(now) {
             return;

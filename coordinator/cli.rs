@@ -775,8 +775,8 @@ fn unsettled(i: &pb::InstanceStatus) -> bool {
 
 /// The status of a stopped run once every simulator has finished its requests in flight
 /// (and the late answers it waits for) and sent its last line, so the totals printed are
-/// final. Gives up, with what it has, a little after the agents' own patience (twice the
-/// request timeout plus 5 s, then they kill the simulator and read its tally).
+/// final. Gives up, with what it has, a little after the agents' own patience (then they
+/// kill the simulator and read its tally).
 async fn settled(client: &mut ControlClient, run_id: &str) -> Result<pb::RunStatus> {
     let started = Instant::now();
     loop {
@@ -786,7 +786,7 @@ async fn settled(client: &mut ControlClient, run_id: &str) -> Result<pb::RunStat
             .map_err(status_error)?
             .into_inner();
         let timeout_s = status.spec.as_ref().map_or(5.0, |s| s.timeout_s);
-        let patience = Duration::from_secs_f64(2.0 * timeout_s.clamp(0.0, 600.0) + 10.0);
+        let patience = vtox::process::stop_grace(timeout_s) + Duration::from_secs(5);
         let busy = status
             .agents
             .iter()

@@ -317,9 +317,7 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>) -> Result<()> {
         }
     }
 
-    // Closing the lanes' channels lets each finish its request in flight, then exit. Late
-    // answers get one more timeout, no more: a target that stays silent must not hold a stop
-    // for the whole late window.
+    // Closing the lanes' channels lets each finish its request in flight, then exit.
     drop(lanes);
     counters.active.store(0, Relaxed);
     let outstanding = || counters.in_flight.load(Relaxed) + counters.late_pending.load(Relaxed);
@@ -331,7 +329,8 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>) -> Result<()> {
         );
     }
     // Requests in flight end by themselves within a timeout; the late answers they may turn
-    // into get at most one timeout more.
+    // into get at most one timeout more, not the whole late window: a target that stays
+    // silent must not hold a stop (the agent's patience, `vtox::process::stop_grace`).
     let drain_end = Instant::now()
         + args.timeout
         + args.timeout.min(args.late_window)

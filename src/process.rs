@@ -1,5 +1,15 @@
-//! Process plumbing every binary shares: the log setup (`--log-format`) and the wait for a
-//! shutdown signal. Edge code, kept here only so that four binaries do not each carry a copy.
+//! Process plumbing every binary shares: the log setup (`--log-format`), the wait for a
+//! shutdown signal and how long a stopping simulator may take. Edge code, kept here only so
+//! that four binaries do not each carry a copy.
+
+use std::time::Duration;
+
+/// How long a simulator told to stop may take before its agent kills it: its requests in
+/// flight get one request timeout, the late answers it then waits for at most one more (see
+/// vtox-sim's drain), plus a margin. Whoever waits for final counts waits about this long.
+pub fn stop_grace(timeout_s: f64) -> Duration {
+    Duration::from_secs_f64(2.0 * timeout_s.clamp(0.0, 600.0) + 5.0)
+}
 
 /// Log format on stderr.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
