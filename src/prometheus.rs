@@ -48,54 +48,49 @@ fn histogram(out: &mut String, name: &str, latency: &Latency) {
     let _ = writeln!(out, "{name}_count {}", latency.count());
 }
 
-fn families(out: &mut String, rows: &[(String, pb::Counters)]) {
-    let pick = |f: fn(&pb::Counters) -> u64| {
-        rows.iter()
-            .map(|(a, c)| (a.clone(), f(c)))
-            .collect::<Vec<_>>()
-    };
-    counter_family(
-        out,
+/// The per-agent counter families: name, help, and the counter each is read from.
+type Family = (&'static str, &'static str, fn(&pb::Counters) -> u64);
+const FAMILIES: [Family; 7] = [
+    (
         "vtox_messages_sent_total",
         "Messages sent (requests started).",
-        &pick(|c| c.sent),
-    );
-    counter_family(
-        out,
+        |c| c.sent,
+    ),
+    (
         "vtox_messages_accepted_total",
         "Messages answered 200.",
-        &pick(|c| c.accepted),
-    );
-    counter_family(
-        out,
+        |c| c.accepted,
+    ),
+    (
         "vtox_messages_failed_total",
         "Messages failed (status, timeout or connection).",
-        &pick(|c| c.failed),
-    );
-    counter_family(
-        out,
+        |c| c.failed,
+    ),
+    (
         "vtox_messages_timed_out_total",
         "Messages failed because no answer came within the request timeout.",
-        &pick(|c| c.timeouts),
-    );
-    counter_family(
-        out,
+        |c| c.timeouts,
+    ),
+    (
         "vtox_messages_accepted_late_total",
         "Timed-out messages the target answered 200 after all (the target took them).",
-        &pick(|c| c.late_accepted),
-    );
-    counter_family(
-        out,
+        |c| c.late_accepted,
+    ),
+    (
         "vtox_messages_dropped_total",
         "Ticks dropped by the generator (in-flight cap full or too late).",
-        &pick(|c| c.dropped),
-    );
-    counter_family(
-        out,
-        "vtox_bytes_sent_total",
-        "Message body bytes sent.",
-        &pick(|c| c.bytes),
-    );
+        |c| c.dropped,
+    ),
+    ("vtox_bytes_sent_total", "Message body bytes sent.", |c| {
+        c.bytes
+    }),
+];
+
+fn families(out: &mut String, rows: &[(String, pb::Counters)]) {
+    for (name, help, read) in FAMILIES {
+        let values: Vec<(String, u64)> = rows.iter().map(|(a, c)| (a.clone(), read(c))).collect();
+        counter_family(out, name, help, &values);
+    }
 }
 
 /// The coordinator's metrics, from its run status and its agent list.
