@@ -331,7 +331,7 @@ async fn session(
     stop: &mut watch::Receiver<bool>,
 ) -> Result<SessionEnd> {
     let (out_tx, out_rx) = mpsc::channel::<pb::AgentMessage>(16);
-    let epoch = snapshot(&sup).await.map(|s| s.0).unwrap_or(0);
+    let epoch = snapshot(&sup).await.map(|s| s.epoch).unwrap_or(0);
     out_tx
         .send(pb::AgentMessage {
             msg: Some(agent_message::Msg::Hello(pb::Hello {
@@ -350,7 +350,7 @@ async fn session(
         tokio::select! {
             msg = inbound.message() => match msg {
                 Ok(Some(pb::CoordinatorMessage { msg: Some(coordinator_message::Msg::Assignment(a)) })) => {
-                    if sup.send(supervisor::Command::Apply(a)).await.is_err() {
+                    if sup.send(supervisor::Command::Apply(Box::new(a))).await.is_err() {
                         bail!("the supervisor stopped");
                     }
                 }
@@ -359,10 +359,15 @@ async fn session(
                 Err(s) => return Ok(SessionEnd::Lost(s.message().to_string())),
             },
             _ = tick.tick() => {
-                let Some((epoch, instances, rss)) = snapshot(&sup).await else { bail!("the supervisor stopped") };
+                let Some(snap) = snapshot(&sup).await else { bail!("the supervisor stopped") };
                 sys.refresh_cpu_usage();
-                let usage = pb::HostUsage { cpu_percent: f64::from(sys.global_cpu_usage()), rss_bytes: rss };
-                let hb = pb::Heartbeat { epoch, instances, usage: Some(usage) };
+                let usage = pb::HostUsage {
+                    cpu_percent: f64::from(sys.global_cpu_usage()),
+                    rss_bytes: snap.rss_bytes,
+                    simulators_cpu_percent: snap.simulators_cpu_percent,
+                    cores: sys.cpus().len() as u32,
+                };
+                let hb = pb::Heartbeat { epoch: snap.epoch, instances: snap.instances, usage: Some(usage) };
                 if out_tx.send(pb::AgentMessage { msg: Some(agent_message::Msg::Heartbeat(hb)) }).await.is_err() {
                     return Ok(SessionEnd::Lost("the session's stream closed".into()));
                 }
@@ -386,7 +391,10 @@ async fn serve_metrics(
         axum::routing::get(move || {
             let (name, sup) = (name.clone(), sup.clone());
             async move {
-                let instances = snapshot(&sup).await.map(|s| s.1).unwrap_or_default();
+                let instances = snapshot(&sup)
+                    .await
+                    .map(|s| s.instances)
+                    .unwrap_or_default();
                 (
                     [(
                         axum::http::header::CONTENT_TYPE,
@@ -406,9 +414,7 @@ async fn serve_metrics(
     Ok(())
 }
 
-async fn snapshot(
-    sup: &mpsc::Sender<supervisor::Command>,
-) -> Option<(u64, Vec<pb::InstanceStatus>, u64)> {
+async fn snapshot(sup: &mpsc::Sender<supervisor::Command>) -> Option<supervisor::Snapshot> {
     let (tx, rx) = oneshot::channel();
     sup.send(supervisor::Command::Snapshot(tx)).await.ok()?;
     rx.await.ok()

@@ -29,12 +29,80 @@ pub struct Config {
     pub lease: Duration,
 }
 
+/// What the supervisor reports for a heartbeat.
+pub struct Snapshot {
+    pub epoch: u64,
+    pub instances: Vec<pb::InstanceStatus>,
+    /// Resident memory of the simulators together.
+    pub rss_bytes: u64,
+    /// CPU of the simulators together, percent of the whole host (None until measured).
+    pub simulators_cpu_percent: Option<f64>,
+}
+
+/// The simulators' own CPU use, measured from `/proc` of each child between snapshots, so
+/// that a verdict about the generator rests on the generator and not on whatever else the
+/// host runs (the backend itself, say).
+struct CpuMeter {
+    cores: u32,
+    ticks_per_s: f64,
+    last: Option<(Instant, BTreeMap<u32, u64>)>,
+    percent: Option<f64>,
+}
+
+impl CpuMeter {
+    fn new() -> CpuMeter {
+        // SAFETY: sysconf has no memory-safety preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+        CpuMeter {
+            cores: std::thread::available_parallelism()
+                .map(|n| n.get() as u32)
+                .unwrap_or(1),
+            ticks_per_s: if hz > 0 { hz as f64 } else { 100.0 },
+            last: None,
+            percent: None,
+        }
+    }
+
+    /// Measures the pids' CPU since the last measurement (at most twice a second: several
+    /// callers ask, and a short interval would be all noise).
+    fn measure(&mut self, pids: impl Iterator<Item = u32>, now: Instant) -> Option<f64> {
+        if self
+            .last
+            .as_ref()
+            .is_some_and(|(at, _)| now.duration_since(*at) < Duration::from_millis(500))
+        {
+            return self.percent;
+        }
+        let ticks: BTreeMap<u32, u64> = pids
+            .filter_map(|pid| {
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+                Some((pid, vtox::process::proc_stat_cpu_ticks(&stat)?))
+            })
+            .collect();
+        if let Some((at, before)) = &self.last {
+            // A process new since the last look started after it: all of its time counts.
+            let used: u64 = ticks
+                .iter()
+                .map(|(pid, t)| t.saturating_sub(before.get(pid).copied().unwrap_or(0)))
+                .sum();
+            self.percent = Some(vtox::process::cpu_share_percent(
+                used,
+                self.ticks_per_s,
+                now.duration_since(*at).as_secs_f64(),
+                self.cores,
+            ));
+        }
+        self.last = Some((now, ticks));
+        self.percent
+    }
+}
+
 /// What the rest of the agent asks of the supervisor.
 pub enum Command {
     /// A new desired state from the coordinator (also renews the lease).
-    Apply(pb::Assignment),
+    Apply(Box<pb::Assignment>),
     /// The statuses to put in the next heartbeat.
-    Snapshot(oneshot::Sender<(u64, Vec<pb::InstanceStatus>, u64)>),
+    Snapshot(oneshot::Sender<Snapshot>),
     /// Stop everything and answer when all simulators have exited.
     Shutdown(oneshot::Sender<()>),
 }
@@ -134,13 +202,21 @@ pub async fn run(cfg: Config, mut commands: mpsc::Receiver<Command>) {
     for (_, k) in &sup.recovered {
         tracing::info!(run = %k.run_id, instance = k.index, incarnation = k.incarnation, "reporting the counts an earlier agent process left");
     }
+    let mut meter = CpuMeter::new();
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     loop {
         tokio::select! {
             cmd = commands.recv() => match cmd {
-                Some(Command::Apply(a)) => sup.apply(a),
+                Some(Command::Apply(a)) => sup.apply(*a),
                 Some(Command::Snapshot(reply)) => {
-                    let _ = reply.send((sup.epoch, sup.statuses(), sup.rss_bytes()));
+                    let pids: Vec<u32> = sup.pids();
+                    let cpu = meter.measure(pids.into_iter(), Instant::now());
+                    let _ = reply.send(Snapshot {
+                        epoch: sup.epoch,
+                        instances: sup.statuses(),
+                        rss_bytes: sup.rss_bytes(),
+                        simulators_cpu_percent: cpu,
+                    });
                 }
                 Some(Command::Shutdown(done)) => {
                     sup.shutdown(&mut events).await;
@@ -362,6 +438,9 @@ impl Supervisor {
         ];
         if !spec.faults.is_empty() {
             args.extend(["--faults".into(), spec.faults.clone()]);
+        }
+        if let Some(onset) = spec.fault_onset_s {
+            args.extend(["--fault-onset".into(), format!("{}s", onset.max(0.0))]);
         }
         if !spec.id_template.is_empty() {
             args.extend(["--id-template".into(), spec.id_template.clone()]);
@@ -649,6 +728,15 @@ impl Supervisor {
                 let _ = std::fs::remove_file(&path);
             }
         }
+    }
+
+    /// Every simulator process of this agent, running or stopping.
+    fn pids(&self) -> Vec<u32> {
+        self.instances
+            .values()
+            .filter_map(|i| i.pid)
+            .chain(self.stopping.keys().copied())
+            .collect()
     }
 
     fn rss_bytes(&self) -> u64 {

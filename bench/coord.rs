@@ -118,7 +118,7 @@ async fn light_agent(
                     }),
                     last_error: String::new(),
                 }).collect();
-                let hb = pb::Heartbeat { epoch: assignment.epoch, instances, usage: Some(pb::HostUsage { cpu_percent: 20.0, rss_bytes: 50 << 20 }) };
+                let hb = pb::Heartbeat { epoch: assignment.epoch, instances, usage: Some(pb::HostUsage { cpu_percent: 20.0, rss_bytes: 50 << 20, ..Default::default() }) };
                 if tx.send(pb::AgentMessage { msg: Some(agent_message::Msg::Heartbeat(hb)) }).await.is_err() {
                     return Ok(());
                 }

@@ -9,7 +9,7 @@ use redis::Value;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
-use vtox::backlog::{self, parse_entries_added, parse_groups, text, Sample};
+use vtox::backlog::{self, parse_entries_added, parse_groups, parse_stream_info, text, Sample};
 use vtox::duration::parse_duration;
 use vtox::score::{Diagnosis, Raw, Scorecard, Truth};
 
@@ -118,28 +118,38 @@ impl BackendRedis {
         Ok(parse_entries_added(&info))
     }
 
-    /// The streams and the raw stream's consumer groups now.
+    /// The streams and the raw stream's consumer groups now, settled (see `Sample::settle`).
     pub async fn sample(&mut self) -> Result<Sample> {
         let at_s = unix_now();
         let raw = self.raw.clone();
-        let (raw_len, raw_added, groups) = if self.exists(&raw).await? {
+        let (raw_len, info, groups) = if self.exists(&raw).await? {
             let len: u64 = call(&mut self.con, redis::cmd("XLEN").arg(&raw)).await?;
             let info: Value =
                 call(&mut self.con, redis::cmd("XINFO").arg("STREAM").arg(&raw)).await?;
             let g: Value = call(&mut self.con, redis::cmd("XINFO").arg("GROUPS").arg(&raw)).await?;
-            (len, parse_entries_added(&info), parse_groups(&g))
+            (len, parse_stream_info(&info), parse_groups(&g))
         } else {
-            (0, Some(0), Vec::new())
+            (
+                0,
+                backlog::StreamInfo {
+                    entries_added: Some(0),
+                    first_id: None,
+                },
+                Vec::new(),
+            )
         };
         let results = self.results.clone();
         let results_added = self.stream_added(&results).await?;
-        Ok(Sample {
+        let mut sample = Sample {
             at_s,
             raw_len,
-            raw_added,
+            raw_added: info.entries_added,
+            raw_first: info.first_id,
             results_added,
             groups,
-        })
+        };
+        sample.settle();
+        Ok(sample)
     }
 
     /// The Redis server's clock in Unix milliseconds: it stamps the entry IDs, so time
@@ -271,8 +281,11 @@ impl Sampler {
             loop {
                 tick.tick().await;
                 match redis.sample().await {
-                    Ok(sample) => {
+                    Ok(mut sample) => {
                         if let Ok(mut q) = s.lock() {
+                            if let Some(prev) = q.back() {
+                                backlog::carry(prev, &mut sample);
+                            }
                             q.push_back(sample);
                             while q.len() > keep.max(2) {
                                 q.pop_front();
@@ -331,8 +344,8 @@ impl Sampler {
         if let Some(e) = self.error() {
             return format!("redis: {e}\n");
         }
-        match backlog::window(&self.newest(n)) {
-            Some(w) => w.table(tolerance),
+        match backlog::window(&self.newest(n), tolerance) {
+            Some(w) => w.table(),
             None => "redis: sampling…\n".to_string(),
         }
     }

@@ -528,6 +528,7 @@ async fn drive(
         stagger_s: a.stagger.as_secs_f64(),
         id_template: String::new(),
         duration_s: a.duration.map(|d| d.as_secs_f64()).unwrap_or(0.0),
+        fault_onset_s: a.fault_onset.map(|d| d.as_secs_f64()),
     };
     if let Err(e) = spec.faults.parse::<vtox::faults::FaultMix>() {
         bail!("--faults: {e}");
@@ -635,11 +636,11 @@ async fn drive(
     let mut out = status_json(&status);
     let mut text = summary(&status);
     if let (Some(r), Some(sampler)) = (&mut redis, &sampler) {
-        let window = backlog::window(&sampler.between(0.0, driving_until));
+        let window = backlog::window(&sampler.between(0.0, driving_until), a.redis.tolerance());
         if let Some(w) = &window {
-            text.push_str(&w.table(a.redis.tolerance()));
+            text.push_str(&w.table());
         }
-        out["backlog"] = json!(window);
+        out["backend_pipeline"] = json!(window);
         match r.score(score_from).await {
             Ok(card) => {
                 text.push_str(&card.table());
@@ -701,7 +702,7 @@ impl LiveView {
         let mut text = String::new();
         let _ = writeln!(
             text,
-            "{:<16} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>5} {:>8}",
+            "{:<16} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>5} {:>5} {:>8}",
             "agent",
             "instances",
             "vehicles",
@@ -710,7 +711,8 @@ impl LiveView {
             "p50 ms",
             "p95 ms",
             "p99 ms",
-            "cpu%",
+            "host%",
+            "sim%",
             "rss MiB"
         );
         for agent in &s.agents {
@@ -726,7 +728,7 @@ impl LiveView {
             let usage = agent.usage.unwrap_or_default();
             let _ = writeln!(
                 text,
-                "{:<16} {:>4}/{:<4} {:>9} {:>9.0} {:>8.2} {:>8.1} {:>8.1} {:>8.1} {:>5.0} {:>8.0}{}",
+                "{:<16} {:>4}/{:<4} {:>9} {:>9.0} {:>8.2} {:>8.1} {:>8.1} {:>8.1} {:>5.0} {:>5} {:>8.0}{}",
                 agent.agent,
                 agent.instances_running,
                 agent.instances_planned,
@@ -737,6 +739,9 @@ impl LiveView {
                 p95,
                 p99,
                 usage.cpu_percent,
+                usage
+                    .simulators_cpu_percent
+                    .map_or_else(|| "-".to_string(), |x| format!("{x:.0}")),
                 usage.rss_bytes as f64 / (1u64 << 20) as f64,
                 if agent.connected { "" } else { "  (disconnected)" }
             );
@@ -931,6 +936,7 @@ fn status_json(s: &pb::RunStatus) -> Value {
             "instances_running": a.instances_running,
             "instances_planned": a.instances_planned,
             "cpu_percent": a.usage.map(|u| u.cpu_percent),
+            "simulators_cpu_percent": a.usage.and_then(|u| u.simulators_cpu_percent),
             "rss_bytes": a.usage.map(|u| u.rss_bytes),
             "totals": counters_json(&a.totals.clone().unwrap_or_default()),
             "instances": a.instances.iter().map(|i| json!({
@@ -964,16 +970,20 @@ pub async fn status(a: StatusArgs) -> Result<ExitCode> {
                     if i > 0 {
                         tokio::time::sleep(Duration::from_secs(1)).await;
                     }
-                    samples.push(r.sample().await?);
+                    let mut next = r.sample().await?;
+                    if let Some(prev) = samples.last() {
+                        backlog::carry(prev, &mut next);
+                    }
+                    samples.push(next);
                 }
-                backlog::window(&samples)
+                backlog::window(&samples, a.redis.tolerance())
             }
             None => None,
         };
         if a.json {
             let mut out = status_json(&s);
             if a.redis.redis.is_some() {
-                out["backlog"] = json!(window);
+                out["backend_pipeline"] = json!(window);
             }
             println!("{out}");
         } else {
@@ -983,7 +993,7 @@ pub async fn status(a: StatusArgs) -> Result<ExitCode> {
                 print!("{}", summary(&s));
             }
             if let Some(w) = &window {
-                print!("{}", w.table(a.redis.tolerance()));
+                print!("{}", w.table());
             }
         }
         return Ok(ExitCode::SUCCESS);
@@ -1003,7 +1013,7 @@ pub async fn status(a: StatusArgs) -> Result<ExitCode> {
                     if a.json {
                         let mut out = status_json(&s);
                         if let Some(x) = &sampler {
-                            out["backlog"] = json!(backlog::window(&x.newest(LIVE_WINDOW)));
+                            out["backend_pipeline"] = json!(backlog::window(&x.newest(LIVE_WINDOW), a.redis.tolerance()));
                         }
                         println!("{out}");
                     } else {

@@ -195,6 +195,10 @@ pub struct RunArgs {
     /// Percent of vehicles with a developing fault, e.g. insulation=5,bearing=3.
     #[arg(long, default_value = "")]
     pub faults: String,
+    /// The window after the run start in which fault onsets fall [default: 5m]; `0s` makes
+    /// faulty vehicles faulty from their first message, so a short run already scores.
+    #[arg(long, value_parser = parse_duration)]
+    pub fault_onset: Option<Duration>,
     /// Delay between starting two instances on one agent. Schedules are anchored to the run
     /// start, so this only spreads process start-up; a late instance simply joins in step.
     #[arg(long, default_value = "200ms", value_parser = parse_duration)]

@@ -1,6 +1,8 @@
 //! `vtox-coord ramp`: runs the fleet at growing sizes, judges each step on its measured window
-//! only, and writes `performance_test_report.json` with the reference keys computed from the
-//! measurements. Exit code 0 when every step passed, 99 when a step missed an SLO (as k6 does).
+//! only, searches for the knee between the last passing and the first failing fleet, and
+//! writes `performance_test_report.json` with the reference keys computed from the
+//! measurements (rules in `vtox::ramp`). Exit code 0 when every step passed, 99 when a step
+//! missed an SLO (as k6 does).
 
 use crate::backend::{unix_now, BackendRedis, Sampler};
 use crate::cli::{connect, params_of, status_error};
@@ -8,19 +10,34 @@ use crate::{CoordArg, LoadArgs};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args as ClapArgs;
 use serde_json::{json, Value};
+use std::collections::BTreeMap;
 use std::process::ExitCode;
 use std::time::Duration;
 use vtox::backlog;
 use vtox::duration::parse_duration;
 use vtox::metrics::Latency;
+use vtox::ramp::{self as rules, GeneratorEvidence, GeneratorVerdict, HostUse, Search};
 use vtox::wire::pb;
 
 /// Exit code of a ramp in which a step missed its SLOs.
 pub const EXIT_THRESHOLD: u8 = 99;
 /// A step also fails when the backend accepted less than this share of the expected rate.
 const MIN_THROUGHPUT_SHARE: f64 = 0.95;
-/// The generator counts as healthy below this CPU use on every agent.
-const GENERATOR_CPU_LIMIT: f64 = 80.0;
+
+/// `5%`, `5` or `0.5%`: a percentage from 0 (exclusive) to 100.
+fn parse_percent(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .trim()
+        .trim_end_matches('%')
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a percentage, e.g. 5%"))?;
+    if v > 0.0 && v <= 100.0 {
+        Ok(v)
+    } else {
+        Err(format!("{s:?} must be above 0% and at most 100%"))
+    }
+}
 
 #[derive(Debug, ClapArgs)]
 pub struct RampArgs {
@@ -51,13 +68,23 @@ pub struct RampArgs {
     /// A step fails when its 95th percentile latency exceeds this.
     #[arg(long, default_value = "500ms", value_parser = parse_duration)]
     pub max_p95: Duration,
-    /// Run every step even after one failed.
+    /// Run every planned step even after one failed.
     #[arg(long = "continue")]
     pub keep_going: bool,
+    /// After the first failing step, bisect between the last passing fleet (or 0) and the
+    /// failing one until the gap is at most this share of the failing fleet.
+    #[arg(long, default_value = "5%", value_parser = parse_percent, value_name = "PERCENT")]
+    pub search_resolution: f64,
+    /// Measured time of each search step [default: half of --step-duration].
+    #[arg(long, value_parser = parse_duration)]
+    pub search_step_duration: Option<Duration>,
+    /// Do not search for the knee after a failing step.
+    #[arg(long)]
+    pub no_search: bool,
     /// Where the JSON report goes.
     #[arg(long, default_value = "performance_test_report.json")]
     pub out: std::path::PathBuf,
-    /// Also write one self-contained HTML file with the charts.
+    /// Also write one self-contained HTML file with the verdicts and charts.
     #[arg(long, value_name = "FILE")]
     pub html: Option<std::path::PathBuf>,
     /// Also write per-second history to PREFIX_stats_history.csv (Locust's layout).
@@ -68,6 +95,10 @@ pub struct RampArgs {
     /// Percent of vehicles with a developing fault, e.g. insulation=5,bearing=3.
     #[arg(long, default_value = "")]
     pub faults: String,
+    /// The window after each step's start in which fault onsets fall [default: 5m]; `0s`
+    /// makes faulty vehicles faulty from their first message, so short steps score too.
+    #[arg(long, value_parser = parse_duration)]
+    pub fault_onset: Option<Duration>,
     /// Wait until this many agents joined before the first step.
     #[arg(long, default_value_t = 1)]
     pub expect_agents: u32,
@@ -76,6 +107,14 @@ pub struct RampArgs {
     pub timeout: Duration,
     #[command(flatten)]
     pub redis: crate::backend::RedisArgs,
+}
+
+impl RampArgs {
+    fn search_duration(&self) -> Duration {
+        self.search_step_duration
+            .unwrap_or(self.step_duration / 2)
+            .max(Duration::from_secs(1))
+    }
 }
 
 /// One second of the ramp, for the CSV history.
@@ -92,24 +131,31 @@ struct HistoryRow {
 /// One step's measurements over its window.
 struct Step {
     vehicles: u64,
+    /// A step of the search for the knee, not one of --steps.
+    search: bool,
+    measured_s: f64,
     expected_rate: f64,
     achieved_rate: f64,
     accepted_rate: f64,
     success: f64,
-    p50: f64,
-    p95: f64,
-    p99: f64,
-    max: f64,
+    /// Percentiles of the window's answers; None when nothing succeeded (a latency of
+    /// failures only would read as a recovery).
+    latency: Option<[f64; 4]>,
     dropped: u64,
-    agents: Vec<Value>,
-    max_cpu: f64,
+    dropped_busy: u64,
+    max_lag_ms: f64,
+    /// Failed requests by cause: `timeout`, `connect`, `http_503`...
+    causes: BTreeMap<String, u64>,
+    /// Of the timeouts: answered 200 later after all.
+    late_accepted: u64,
+    peak_connections: u64,
+    hosts: Vec<HostUse>,
+    generator: GeneratorVerdict,
     failures: Vec<String>,
-    /// What failed, as words a script can match: success, p95, throughput, backlog.
+    /// What failed, as words a script can match: success, p95, throughput, backlog, lost.
     failed_as: Vec<&'static str>,
     /// The backend's Redis over the measured window (with --redis).
     pipeline: Option<backlog::Window>,
-    /// Groups whose backlog grew over the window.
-    behind: Vec<String>,
 }
 
 impl Step {
@@ -117,39 +163,77 @@ impl Step {
         self.failures.is_empty()
     }
 
-    fn generator_healthy(&self) -> bool {
-        self.dropped == 0 && self.max_cpu < GENERATOR_CPU_LIMIT
+    fn limiting_side(&self) -> &'static str {
+        rules::limiting_side(self.passed(), self.generator.healthy, &self.failed_as)
     }
 
-    fn json(&self) -> Value {
+    fn outcome(&self) -> rules::StepOutcome {
+        rules::StepOutcome {
+            vehicles: self.vehicles,
+            passed: self.passed(),
+            generator_healthy: self.generator.healthy,
+            failed_as: self.failed_as.clone(),
+            accepted_msgs_per_s: self.accepted_rate,
+            slowest_group_msgs_per_s: self.pipeline.as_ref().and_then(|w| w.slowest_msgs_per_s),
+        }
+    }
+
+    fn p95(&self) -> Option<f64> {
+        self.latency.map(|l| l[1])
+    }
+
+    fn json(&self, interval: f64) -> Value {
+        let o = self.outcome();
         json!({
             "vehicles": self.vehicles,
+            "search": self.search,
+            "measured_s": self.measured_s,
             "expected_msgs_per_s": self.expected_rate,
             "achieved_msgs_per_s": self.achieved_rate,
             "accepted_msgs_per_s": self.accepted_rate,
             "success_percent": self.success,
-            "latency_ms": {"p50": self.p50, "p95": self.p95, "p99": self.p99, "max": self.max},
+            "latency_ms": self.latency.map(|[p50, p95, p99, max]| json!({"p50": p50, "p95": p95, "p99": p99, "max": max})),
+            "failures_by_cause": self.causes,
+            "late_accepted": self.late_accepted,
             "dropped_ticks": self.dropped,
-            "agents": self.agents,
+            "dropped_ticks_busy": self.dropped_busy,
+            "max_lag_ms": self.max_lag_ms,
+            "peak_connections": self.peak_connections,
+            "agents": self.hosts,
             "verdict": if self.passed() { "pass" } else { "fail" },
             "failed_on": self.failures,
-            "generator_healthy": self.generator_healthy(),
             "failed_as": self.failed_as,
-            "limiting_side": if self.passed() { "none" } else if self.generator_healthy() { "backend" } else { "generator" },
-            "backend_pipeline": self.pipeline.as_ref().map(|w| json!({
-                "ingest_msgs_per_s": w.ingest_per_s,
-                "results_per_s": w.results_per_s,
-                "groups": w.groups.iter().map(|g| json!({
-                    "name": g.name,
-                    "consumers": g.consumers,
-                    "processed_msgs_per_s": g.processed_per_s,
-                    "lag_slope_per_s": g.backlog_slope_per_s,
-                    "backlog_start": g.backlog_start,
-                    "backlog_end": g.backlog_end,
-                })).collect::<Vec<_>>(),
-                "falling_behind": self.behind,
-            })),
+            "generator_healthy": self.generator.healthy,
+            "generator": self.generator,
+            "host_shared": self.generator.host_shared,
+            "limiting_side": self.limiting_side(),
+            "ingest_limit_vehicles": o.ingest_limit_vehicles(interval),
+            "diagnosis_limit_vehicles": o.diagnosis_limit_vehicles(interval),
+            "backend_pipeline": self.pipeline,
         })
+    }
+
+    /// One line for the terminal.
+    fn line(&self) -> String {
+        format!(
+            "{}: {:.0}/{:.0} msg/s accepted, {:.2}% ok, p95 {}{}{}",
+            if self.passed() { "pass" } else { "FAIL" },
+            self.accepted_rate,
+            self.expected_rate,
+            self.success,
+            self.p95()
+                .map_or_else(|| "-".to_string(), |p| format!("{p:.1} ms")),
+            if self.failures.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", self.failures.join("; "))
+            },
+            if self.generator.healthy {
+                String::new()
+            } else {
+                format!(" [generator: {}]", self.generator.reasons.join("; "))
+            }
+        )
     }
 }
 
@@ -215,6 +299,11 @@ pub async fn ramp(a: RampArgs) -> Result<ExitCode> {
         std::fs::write(&path, csv(&history)).with_context(|| format!("cannot write {path}"))?;
         eprintln!("history written to {path}");
     }
+    if let Some(recs) = report["system_recommendations"].as_array() {
+        for r in recs.iter().filter_map(Value::as_str) {
+            eprintln!("- {r}");
+        }
+    }
     println!("{}", report["test_summary"]);
     Ok(if steps.iter().all(Step::passed) {
         ExitCode::SUCCESS
@@ -250,7 +339,7 @@ async fn run_steps(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let mut steps = Vec::new();
+    let mut steps: Vec<Step> = Vec::new();
     for (i, &n) in a.steps.iter().enumerate() {
         eprintln!(
             "step {}/{}: {n} vehicles for {:?} (+{:?} warm-up)",
@@ -259,27 +348,98 @@ async fn run_steps(
             a.step_duration,
             a.warmup
         );
-        let step = run_step(a, &mut client, target, n, sampler, history).await?;
-        eprintln!(
-            "  {}: {:.0}/{:.0} msg/s, {:.2}% ok, p95 {:.1} ms{}",
-            if step.passed() { "pass" } else { "FAIL" },
-            step.accepted_rate,
-            step.expected_rate,
-            step.success,
-            step.p95,
-            if step.failures.is_empty() {
-                String::new()
-            } else {
-                format!(" ({})", step.failures.join(", "))
-            }
-        );
+        let step = run_step(a, &mut client, target, n, false, sampler, history).await?;
+        eprintln!("  {}", step.line());
         let failed = !step.passed();
         steps.push(step);
         if failed && !a.keep_going {
             break;
         }
     }
+    if a.no_search {
+        return Ok(steps);
+    }
+    // The knee lies between the largest fleet that passed below the first failure and that
+    // failure: bisect there with shorter steps, so the report names a passing fleet even when
+    // the first planned step already failed.
+    let Some(first_fail) = steps
+        .iter()
+        .filter(|s| !s.passed())
+        .map(|s| s.vehicles)
+        .min()
+    else {
+        return Ok(steps);
+    };
+    let below = steps
+        .iter()
+        .filter(|s| s.passed() && s.vehicles < first_fail)
+        .map(|s| s.vehicles)
+        .max()
+        .unwrap_or(0);
+    let mut search = Search::new(below, first_fail, a.search_resolution / 100.0);
+    while let Some(n) = search.next() {
+        eprintln!(
+            "search: {n} vehicles for {:?} (+{:?} warm-up), between {} passing and {} failing",
+            a.search_duration(),
+            a.warmup,
+            search.passing,
+            search.failing
+        );
+        let step = run_step(a, &mut client, target, n, true, sampler, history).await?;
+        eprintln!("  {}", step.line());
+        search.record(n, step.passed());
+        steps.push(step);
+    }
     Ok(steps)
+}
+
+/// The highest use each agent's host showed during the window.
+fn track_hosts(hosts: &mut BTreeMap<String, HostUse>, s: &pb::RunStatus) {
+    for ag in &s.agents {
+        let u = ag.usage.unwrap_or_default();
+        let e = hosts.entry(ag.agent.clone()).or_insert_with(|| HostUse {
+            name: ag.agent.clone(),
+            ..Default::default()
+        });
+        e.cores = e.cores.max(u.cores);
+        e.host_cpu_percent = e.host_cpu_percent.max(u.cpu_percent);
+        e.simulators_cpu_percent = match (e.simulators_cpu_percent, u.simulators_cpu_percent) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        e.rss_bytes = e.rss_bytes.max(u.rss_bytes);
+    }
+}
+
+/// Connections the run's simulators hold now: the sum over running instances.
+fn connections(s: &pb::RunStatus) -> u64 {
+    s.agents
+        .iter()
+        .flat_map(|a| &a.instances)
+        .filter(|i| i.phase == pb::Phase::Running as i32)
+        .filter_map(|i| i.counters.as_ref())
+        .map(|c| c.connections)
+        .sum()
+}
+
+/// Failed requests by cause between two totals.
+fn causes(t0: &pb::Counters, t1: &pb::Counters) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    let mut put = |k: String, v: u64| {
+        if v > 0 {
+            out.insert(k, v);
+        }
+    };
+    put("timeout".into(), t1.timeouts.saturating_sub(t0.timeouts));
+    put(
+        "connect".into(),
+        t1.connect_errors.saturating_sub(t0.connect_errors),
+    );
+    for (code, n) in &t1.status {
+        let before = t0.status.get(code).copied().unwrap_or(0);
+        put(format!("http_{code}"), n.saturating_sub(before));
+    }
+    out
 }
 
 async fn run_step(
@@ -287,10 +447,16 @@ async fn run_step(
     client: &mut crate::cli::ControlClient,
     target: &str,
     n: u64,
+    search: bool,
     sampler: Option<&Sampler>,
     history: &mut Vec<HistoryRow>,
 ) -> Result<Step> {
     let interval = a.load.interval.as_secs_f64();
+    let measured = if search {
+        a.search_duration()
+    } else {
+        a.step_duration
+    };
     let spec = pb::RunSpec {
         target: target.to_string(),
         interval_s: interval,
@@ -302,7 +468,8 @@ async fn run_step(
         timeout_s: a.timeout.as_secs_f64(),
         max_in_flight: 1024,
         stagger_s: 0.05,
-        duration_s: (a.warmup + a.step_duration).as_secs_f64(),
+        duration_s: (a.warmup + measured).as_secs_f64(),
+        fault_onset_s: a.fault_onset.map(|d| d.as_secs_f64()),
         ..Default::default()
     };
     let req = pb::StartRequest {
@@ -318,8 +485,9 @@ async fn run_step(
         .into_inner();
     let mut start: Option<pb::RunStatus> = None;
     let mut end: Option<pb::RunStatus> = None;
-    let mut max_cpu: std::collections::BTreeMap<String, (f64, u64)> = Default::default();
-    let total_s = (a.warmup + a.step_duration).as_secs_f64() + 1.0;
+    let mut hosts: BTreeMap<String, HostUse> = Default::default();
+    let (mut peak_connections, mut max_lag_ms) = (0u64, 0f64);
+    let total_s = (a.warmup + measured).as_secs_f64() + 1.0;
     let bar = indicatif::ProgressBar::new(total_s.ceil() as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{prefix:>12} [{bar:40}] {pos}/{len}s {msg}")
@@ -351,47 +519,58 @@ async fn run_step(
             });
         }
         prev = Some((s.elapsed_s, done, t.failed, lat));
+        let running = s.state == "running";
         // The run's clock starts a second before its schedules (see Start).
         let measuring = s.elapsed_s >= a.warmup.as_secs_f64() + 1.0;
         if measuring && start.is_none() {
             start = Some(s.clone());
             window_from = unix_now();
         }
-        if start.is_some() {
-            for ag in &s.agents {
-                let u = ag.usage.unwrap_or_default();
-                let e = max_cpu.entry(ag.agent.clone()).or_default();
-                e.0 = e.0.max(u.cpu_percent);
-                e.1 = e.1.max(u.rss_bytes);
-            }
+        if start.is_some() && running {
+            track_hosts(&mut hosts, &s);
+            peak_connections = peak_connections.max(connections(&s));
+            max_lag_ms = max_lag_ms.max(t.max_lag_ms);
         }
-        if s.state != "running" {
+        if !running {
             end = Some(s);
             break;
         }
         // The backend's streams are judged while the fleet drives, not as it winds down.
         window_to = unix_now();
     }
+    bar.finish_and_clear();
     let (Some(start), Some(end)) = (start, end) else {
         bail!("the step ended before its measured window")
     };
-    let pipeline = sampler.and_then(|x| backlog::window(&x.between(window_from, window_to)));
+    let pipeline = sampler
+        .and_then(|x| backlog::window(&x.between(window_from, window_to), a.redis.tolerance()));
     let (t0, t1) = (
         start.totals.unwrap_or_default(),
         end.totals.unwrap_or_default(),
     );
     let window = (end.elapsed_s - start.elapsed_s)
         .max(0.001)
-        .min(a.step_duration.as_secs_f64() + 1.0);
-    let window = window.max(1.0);
+        .min(measured.as_secs_f64() + 1.0)
+        .max(1.0);
     let done = (t1.accepted + t1.failed).saturating_sub(t0.accepted + t0.failed);
     let accepted = t1.accepted.saturating_sub(t0.accepted);
     let lat = Latency::from_bytes(&t1.latency_hdr)
         .and_then(|l| l.since(&Latency::from_bytes(&t0.latency_hdr)?))
         .map_err(|e| anyhow!("latency window: {e}"))?;
     let expected = n as f64 / interval;
+    let dropped = t1.dropped.saturating_sub(t0.dropped);
+    let dropped_busy = t1.dropped_busy.saturating_sub(t0.dropped_busy);
+    let hosts: Vec<HostUse> = hosts.into_values().collect();
+    let generator = rules::judge_generator(&GeneratorEvidence {
+        interval_s: interval,
+        late_ticks: dropped.saturating_sub(dropped_busy),
+        max_lag_s: max_lag_ms / 1e3,
+        hosts: hosts.clone(),
+    });
     let mut step = Step {
         vehicles: n,
+        search,
+        measured_s: window,
         expected_rate: expected,
         achieved_rate: done as f64 / window,
         accepted_rate: accepted as f64 / window,
@@ -400,32 +579,35 @@ async fn run_step(
         } else {
             accepted as f64 * 100.0 / done as f64
         },
-        p50: lat.quantile_ms(0.5),
-        p95: lat.quantile_ms(0.95),
-        p99: lat.quantile_ms(0.99),
-        max: lat.max_ms(),
-        dropped: t1.dropped.saturating_sub(t0.dropped),
-        agents: max_cpu
-            .iter()
-            .map(|(k, (c, r))| json!({"name": k, "cpu_percent": c, "rss_bytes": r}))
-            .collect(),
-        max_cpu: max_cpu.values().map(|v| v.0).fold(0.0, f64::max),
+        latency: (accepted > 0 && lat.count() > 0).then(|| {
+            [
+                lat.quantile_ms(0.5),
+                lat.quantile_ms(0.95),
+                lat.quantile_ms(0.99),
+                lat.max_ms(),
+            ]
+        }),
+        dropped,
+        dropped_busy,
+        max_lag_ms,
+        causes: causes(&t0, &t1),
+        late_accepted: t1.late_accepted.saturating_sub(t0.late_accepted),
+        peak_connections,
+        hosts,
+        generator,
         failures: Vec::new(),
         failed_as: Vec::new(),
         pipeline: None,
-        behind: Vec::new(),
     };
     if step.success < a.min_success {
         step.failures
             .push(format!("success {:.2}% < {}%", step.success, a.min_success));
         step.failed_as.push("success");
     }
-    if step.p95 > a.max_p95.as_secs_f64() * 1e3 {
-        step.failures.push(format!(
-            "p95 {:.1} ms > {} ms",
-            step.p95,
-            a.max_p95.as_millis()
-        ));
+    let max_p95 = a.max_p95.as_secs_f64() * 1e3;
+    if let Some(p95) = step.p95().filter(|p| *p > max_p95) {
+        step.failures
+            .push(format!("p95 {p95:.1} ms > {} ms", a.max_p95.as_millis()));
         step.failed_as.push("p95");
     }
     if step.accepted_rate < expected * MIN_THROUGHPUT_SHARE {
@@ -438,22 +620,30 @@ async fn run_step(
         step.failed_as.push("throughput");
     }
     if let Some(w) = &pipeline {
-        let behind = w.falling_behind(a.redis.tolerance());
-        for g in &behind {
+        let rate = |r: Option<f64>| r.map_or_else(|| "?".into(), |r| format!("{r:.1}"));
+        for g in w.behind() {
             step.failures.push(format!(
                 "backlog: {} processed {}/s of {}/s ingested, its backlog growing {:.1}/s",
                 g.name,
-                g.processed_per_s
-                    .map_or_else(|| "?".into(), |r| format!("{r:.1}")),
-                w.ingest_per_s
-                    .map_or_else(|| "?".into(), |r| format!("{r:.1}")),
+                rate(g.processed_msgs_per_s),
+                rate(w.ingest_msgs_per_s),
                 g.backlog_slope_per_s.unwrap_or(0.0),
             ));
         }
-        if !behind.is_empty() {
+        if !w.falling_behind.is_empty() {
             step.failed_as.push("backlog");
         }
-        step.behind = behind.iter().map(|g| g.name.clone()).collect();
+        for g in w.lost() {
+            step.failures.push(format!(
+                "lost: MAXLEN trimmed {} messages before {} read them (it processed {}/s)",
+                g.trimmed_unread_in_window.unwrap_or(0),
+                g.name,
+                rate(g.processed_msgs_per_s),
+            ));
+        }
+        if !w.losing.is_empty() {
+            step.failed_as.push("lost");
+        }
     } else if sampler.is_some() {
         tracing::warn!("no samples of the backend's Redis over the step; its backlog is unjudged");
     }
@@ -464,54 +654,33 @@ async fn run_step(
 /// The report: the reference tool's keys, computed from the steps by documented rules.
 fn report(a: &RampArgs, steps: &[Step]) -> Value {
     let interval = a.load.interval.as_secs_f64();
-    let max_ok = steps
+    let outcomes: Vec<rules::StepOutcome> = steps.iter().map(Step::outcome).collect();
+    let limits = rules::limits(&outcomes, interval);
+    let recs = recommendations(steps, &limits);
+    let never_diagnosed: u64 = steps
         .iter()
-        .filter(|s| s.passed())
-        .map(|s| s.vehicles)
-        .max()
-        .unwrap_or(0);
-    let first_fail = steps.iter().find(|s| !s.passed());
-    // The limit is what the backend actually served at the first failing step, in vehicles at
-    // this interval (never below the largest passing step); without a failure, the largest
-    // step is a lower bound.
-    let limit = match first_fail {
-        Some(f) => ((f.accepted_rate * interval).floor() as u64).max(max_ok),
-        None => max_ok,
-    };
-    let recommended = (max_ok as f64 * 0.75).floor() as u64;
-    let mut recs = Vec::new();
-    match first_fail {
-        Some(f) if !f.generator_healthy() => recs.push(format!(
-            "the generator was the limit at {} vehicles (dropped ticks or agents above {GENERATOR_CPU_LIMIT}% CPU): add agents and rerun before drawing conclusions about the backend",
-            f.vehicles
-        )),
-        Some(f) => recs.push(format!(
-            "the backend failed at {} vehicles ({}); it served about {} vehicles' worth of messages",
-            f.vehicles,
-            f.failures.join(", "),
-            limit
-        )),
-        None => recs.push(format!("every step passed; the limit lies above {max_ok} vehicles: extend --steps")),
-    }
-    if let Some(f) = first_fail.filter(|f| !f.behind.is_empty()) {
-        recs.push(format!(
-            "the diagnosis consumers fell behind the ingest at {} vehicles ({}): the API answered, but its results come later and later; add consumers to those groups or make them faster",
-            f.vehicles,
-            f.behind.join(", ")
-        ));
-    }
-    recs.push(format!(
-        "keep the fleet at or below {recommended} vehicles (75% of the largest passing step)"
-    ));
+        .filter_map(|s| s.pipeline.as_ref())
+        .map(|w| w.never_diagnosed)
+        .sum();
+    let idle: std::collections::BTreeSet<String> = steps
+        .iter()
+        .filter_map(|s| s.pipeline.as_ref())
+        .flat_map(|w| w.idle_groups.iter().map(|g| g.name.clone()))
+        .collect();
     json!({
         "test_summary": {
-            "max_successful_vehicles": max_ok,
-            "estimated_system_limit": limit,
-            "safe_operating_range": format!("0-{recommended}"),
+            "max_successful_vehicles": limits.max_successful_vehicles,
+            "estimated_system_limit": limits.estimated_system_limit,
+            "safe_operating_range": format!("0-{}", limits.recommended_max_vehicles),
         },
         "performance_limits": {
-            "recommended_max_vehicles": recommended,
-            "theoretical_max_vehicles": limit,
+            "recommended_max_vehicles": limits.recommended_max_vehicles,
+            "theoretical_max_vehicles": limits.estimated_system_limit,
+            "ingest_limit_vehicles": limits.ingest.map(|l| l.vehicles),
+            "ingest_limit_measured": limits.ingest.map(|l| l.measured),
+            "diagnosis_limit_vehicles": limits.diagnosis.map(|l| l.vehicles),
+            "diagnosis_limit_measured": limits.diagnosis.map(|l| l.measured),
+            "limited_by": limits.limited_by,
         },
         "system_recommendations": recs,
         "slo": {
@@ -519,18 +688,145 @@ fn report(a: &RampArgs, steps: &[Step]) -> Value {
             "max_p95_ms": a.max_p95.as_secs_f64() * 1e3,
             "min_throughput_share": MIN_THROUGHPUT_SHARE,
             "backlog_tolerance_percent": a.redis.redis.as_ref().map(|_| a.redis.backlog_tolerance),
+            "generator_max_lag_ms": rules::lag_bound_s(interval) * 1e3,
+            "generator_max_simulator_cpu_percent": rules::SIM_CPU_LIMIT,
         },
         "rules": {
-            "max_successful_vehicles": "largest step that met every SLO",
-            "estimated_system_limit": "accepted messages/s of the first failing step x interval, at least max_successful_vehicles",
-            "recommended_max_vehicles": "75% of max_successful_vehicles",
-            "backlog": "with --redis, a step fails as backlog when a consumer group's backlog (lag + pending) grew faster than --backlog-tolerance percent of the ingest rate (and 2 entries/s) over the measured window, by least squares",
+            "max_successful_vehicles": "largest fleet (planned or search step) that met every SLO",
+            "ingest_limit_vehicles": "accepted messages/s x interval of the smallest fleet that failed on HTTP (success, p95, throughput), at least the largest fleet whose HTTP side passed",
+            "diagnosis_limit_vehicles": "the slowest live consumer group's processed messages/s x interval of the smallest fleet that failed on backlog or lost, at least the largest fleet whose diagnosis kept up",
+            "estimated_system_limit": "the smaller measured limit, at least max_successful_vehicles; with no failure, max_successful_vehicles (a lower bound)",
+            "recommended_max_vehicles": "75% of max_successful_vehicles (75% of estimated_system_limit when no fleet passed)",
+            "backlog": "with --redis, a step fails as backlog when a live consumer group's backlog grew faster than --backlog-tolerance percent of the ingest rate (and 2 entries/s) over the measured window, by least squares",
+            "lost": "with --redis, a step fails as lost when MAXLEN trimmed entries a live consumer group had not read yet during the measured window",
+            "idle_groups": "consumer groups without consumers are listed, never judged",
+            "generator": "the generator is unhealthy only on its own evidence: ticks reached more than an interval late, schedule lag beyond generator_max_lag_ms, or its simulators above generator_max_simulator_cpu_percent of their host; other load on the host is host_shared, not a generator limit",
+            "search": "after the first failing step, bisection between the largest passing fleet below it (or 0) and the failure until the gap is at most --search-resolution of the failing fleet",
         },
+        "messages_never_diagnosed": a.redis.redis.as_ref().map(|_| never_diagnosed),
+        "idle_groups": idle,
         "interval_s": interval,
         "step_duration_s": a.step_duration.as_secs_f64(),
+        "search_step_duration_s": a.search_duration().as_secs_f64(),
         "warmup_s": a.warmup.as_secs_f64(),
-        "steps": steps.iter().map(Step::json).collect::<Vec<_>>(),
+        "steps": steps.iter().map(|s| s.json(interval)).collect::<Vec<_>>(),
     })
+}
+
+/// The advice: what failed first and why, on which side, and the fleet to keep to.
+fn recommendations(steps: &[Step], limits: &rules::Limits) -> Vec<String> {
+    let mut recs = Vec::new();
+    let first_fail = steps
+        .iter()
+        .filter(|s| !s.passed())
+        .min_by_key(|s| s.vehicles);
+    let Some(fail) = first_fail else {
+        recs.push(format!(
+            "every step passed; the limit lies above {} vehicles: extend --steps",
+            limits.max_successful_vehicles
+        ));
+        recs.push(format!(
+            "keep the fleet at or below {} vehicles (75% of the largest passing fleet)",
+            limits.recommended_max_vehicles
+        ));
+        return recs;
+    };
+    if let Some(g) = steps
+        .iter()
+        .filter(|s| !s.generator.healthy)
+        .min_by_key(|s| s.vehicles)
+    {
+        recs.push(format!(
+            "the generator was the limit at {} vehicles ({}): add agents and rerun before drawing conclusions about the backend at that size",
+            g.vehicles,
+            g.generator.reasons.join("; ")
+        ));
+    }
+    let shared: Vec<&str> = steps
+        .iter()
+        .flat_map(|s| s.generator.shared_hosts.iter().map(String::as_str))
+        .take(1)
+        .collect();
+    if let Some(h) = shared.first() {
+        recs.push(format!(
+            "a generator host also ran other load ({h}); vtox judged its simulators on their own CPU and schedule, but the other load may have slowed the backend if it shares the host"
+        ));
+    }
+    if let Some(l) = limits.ingest.filter(|l| l.measured) {
+        let at = steps
+            .iter()
+            .filter(|s| s.generator.healthy && s.outcome().failed_on_http())
+            .min_by_key(|s| s.vehicles);
+        if let Some(s) = at {
+            let why: Vec<String> = s.causes.iter().map(|(k, v)| format!("{v} × {k}")).collect();
+            recs.push(format!(
+                "the ingest API gave out at {} vehicles ({}{}); it served about {} vehicles' worth of messages",
+                s.vehicles,
+                s.failures
+                    .iter()
+                    .filter(|f| !f.starts_with("backlog") && !f.starts_with("lost"))
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                if why.is_empty() {
+                    String::new()
+                } else {
+                    format!("; failures: {}", why.join(", "))
+                },
+                l.vehicles
+            ));
+        }
+    }
+    if let Some(l) = limits.diagnosis.filter(|l| l.measured) {
+        let at = steps
+            .iter()
+            .filter(|s| s.generator.healthy && s.outcome().failed_on_diagnosis())
+            .min_by_key(|s| s.vehicles);
+        if let Some(s) = at {
+            let w = s.pipeline.as_ref();
+            recs.push(format!(
+                "the diagnosis consumers fell behind the ingest at {} vehicles ({}); the slowest, {}, processed {} msg/s, about {} vehicles at this interval: add consumers to that group or make it faster{}",
+                s.vehicles,
+                s.failed_as
+                    .iter()
+                    .filter(|f| rules::FAILED_AS_DIAGNOSIS.contains(f))
+                    .copied()
+                    .collect::<Vec<_>>()
+                    .join(" and "),
+                w.and_then(|w| w.slowest_group.clone()).unwrap_or_else(|| "?".into()),
+                w.and_then(|w| w.slowest_msgs_per_s)
+                    .map_or_else(|| "?".into(), |r| format!("{r:.1}")),
+                l.vehicles,
+                match w.map(|w| w.never_diagnosed).unwrap_or(0) {
+                    0 => String::new(),
+                    n => format!("; MAXLEN trimmed {n} messages before they were diagnosed"),
+                }
+            ));
+        }
+    }
+    if limits.max_successful_vehicles > 0 {
+        recs.push(format!(
+            "keep the fleet at or below {} vehicles (75% of {}, the largest passing fleet); the {} side limits it first, at about {} vehicles",
+            limits.recommended_max_vehicles,
+            limits.max_successful_vehicles,
+            limits.limited_by,
+            limits.estimated_system_limit
+        ));
+    } else if limits.recommended_max_vehicles > 0 {
+        recs.push(format!(
+            "no fleet passed, down to {} vehicles; the backend served about {} vehicles' worth of messages, so start below {} vehicles and fix what failed first",
+            fail.vehicles,
+            limits.estimated_system_limit,
+            limits.recommended_max_vehicles
+        ));
+    } else {
+        recs.push(format!(
+            "no fleet passed, down to {} vehicles, and the backend accepted almost nothing: check the target, its logs and what failed ({})",
+            steps.iter().map(|s| s.vehicles).min().unwrap_or(fail.vehicles),
+            fail.failures.join(", ")
+        ));
+    }
+    recs
 }
 
 /// Locust's `_stats_history.csv` columns, one row a second of the ramp.
@@ -564,64 +860,98 @@ fn csv(rows: &[HistoryRow]) -> String {
     out
 }
 
-/// One self-contained HTML file: the summary and three SVG charts with their SLO lines.
+/// The verdict table: a row per step, in fleet order.
+fn verdict_table(steps: &[Step]) -> String {
+    let mut rows: Vec<&Step> = steps.iter().collect();
+    rows.sort_by_key(|s| (s.vehicles, s.search));
+    let mut out = String::from(
+        "<table id=\"verdicts\"><thead><tr><th>vehicles</th><th>step</th><th>expected msg/s</th><th>accepted msg/s</th><th>success %</th><th>p95 ms</th><th>failures by cause</th><th>peak connections</th><th>verdict</th><th>failed as</th><th>limiting side</th></tr></thead><tbody>\n",
+    );
+    for s in rows {
+        let causes: Vec<String> = s.causes.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        out.push_str(&format!(
+            "<tr class=\"{}\"><td>{}</td><td>{}</td><td>{:.1}</td><td>{:.1}</td><td>{:.2}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>\n",
+            if s.passed() { "pass" } else { "fail" },
+            s.vehicles,
+            if s.search { "search" } else { "planned" },
+            s.expected_rate,
+            s.accepted_rate,
+            s.success,
+            s.p95().map_or_else(|| "-".into(), |p| format!("{p:.1}")),
+            escape(&causes.join(", ")),
+            s.peak_connections,
+            if s.passed() { "pass" } else { "fail" },
+            escape(&s.failed_as.join(", ")),
+            s.limiting_side(),
+        ));
+    }
+    out.push_str("</tbody></table>\n");
+    out
+}
+
+/// One self-contained HTML file: the summary, the advice, the verdict table and the SVG charts
+/// with their SLO lines.
 fn html(a: &RampArgs, steps: &[Step], report: &Value) -> String {
     use vtox::charts::{svg, Chart};
     let x: Vec<f64> = steps.iter().map(|s| s.vehicles as f64).collect();
+    let search: Vec<bool> = steps.iter().map(|s| s.search).collect();
+    let lat =
+        |i: usize| -> Vec<Option<f64>> { steps.iter().map(|s| s.latency.map(|l| l[i])).collect() };
     let mut charts = vec![
         Chart {
-            title: "Throughput: achieved vs expected",
+            title: "Throughput: accepted vs expected",
             y_label: "messages/s",
             x: &x,
             series: vec![
-                ("expected", steps.iter().map(|s| s.expected_rate).collect()),
-                ("accepted", steps.iter().map(|s| s.accepted_rate).collect()),
+                (
+                    "expected",
+                    steps.iter().map(|s| Some(s.expected_rate)).collect(),
+                ),
+                (
+                    "accepted",
+                    steps.iter().map(|s| Some(s.accepted_rate)).collect(),
+                ),
             ],
+            search: &search,
             slo: None,
         },
         Chart {
-            title: "Latency percentiles",
+            title: "Latency percentiles (steps with successful requests)",
             y_label: "ms",
             x: &x,
-            series: vec![
-                ("p50", steps.iter().map(|s| s.p50).collect()),
-                ("p95", steps.iter().map(|s| s.p95).collect()),
-                ("p99", steps.iter().map(|s| s.p99).collect()),
-            ],
+            series: vec![("p50", lat(0)), ("p95", lat(1)), ("p99", lat(2))],
+            search: &search,
             slo: Some(("p95 SLO", a.max_p95.as_secs_f64() * 1e3)),
         },
         Chart {
             title: "Success rate",
             y_label: "% of requests",
             x: &x,
-            series: vec![("success", steps.iter().map(|s| s.success).collect())],
+            series: vec![("success", steps.iter().map(|s| Some(s.success)).collect())],
+            search: &search,
             slo: Some(("success SLO", a.min_success)),
         },
     ];
     if steps.iter().any(|s| s.pipeline.is_some()) {
-        // The slowest group decides when diagnoses fall behind.
-        let of = |f: &dyn Fn(&backlog::Window) -> Option<f64>| -> Vec<f64> {
+        // The slowest live group decides when diagnoses fall behind; idle groups are not in it.
+        let of = |f: &dyn Fn(&backlog::Window) -> Option<f64>| -> Vec<Option<f64>> {
             steps
                 .iter()
-                .map(|s| s.pipeline.as_ref().and_then(f).unwrap_or(0.0))
+                .map(|s| s.pipeline.as_ref().and_then(f))
                 .collect()
         };
         charts.push(Chart {
-            title: "Diagnosis: ingest vs the slowest consumer group",
+            title: "Diagnosis: ingest vs the slowest live consumer group",
             y_label: "messages/s",
             x: &x,
             series: vec![
-                ("ingested", of(&|w| w.ingest_per_s)),
+                ("ingested", of(&|w| w.ingest_msgs_per_s)),
                 (
-                    "processed by the slowest group",
-                    of(&|w| {
-                        w.groups
-                            .iter()
-                            .filter_map(|g| g.processed_per_s)
-                            .reduce(f64::min)
-                    }),
+                    "processed by the slowest live group",
+                    of(&|w| w.slowest_msgs_per_s),
                 ),
             ],
+            search: &search,
             slo: None,
         });
     }
@@ -645,9 +975,21 @@ fn html(a: &RampArgs, steps: &[Step], report: &Value) -> String {
                 .collect()
         })
         .unwrap_or_default();
+    let idle = report["idle_groups"]
+        .as_array()
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            let names: Vec<&str> = l.iter().filter_map(Value::as_str).collect();
+            format!(
+                "<p>Idle consumer groups (no consumers, not judged): {}</p>\n",
+                escape(&names.join(", "))
+            )
+        })
+        .unwrap_or_default();
     format!(
-        "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>vtox ramp report</title>\n<style>body{{font-family:sans-serif;max-width:780px;margin:2em auto}}figure{{margin:1em 0}}</style></head>\n<body><h1>vtox ramp report</h1>\n<pre>{}</pre>\n<ul>{recs}</ul>\n{body}</body></html>\n",
-        escape(&summary)
+        "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>vtox ramp report</title>\n<style>body{{font-family:sans-serif;max-width:980px;margin:2em auto}}figure{{margin:1em 0}}table{{border-collapse:collapse;font-size:13px}}td,th{{border:1px solid #ccc;padding:2px 6px;text-align:right}}tr.fail td{{background:#fde8e8}}</style></head>\n<body><h1>vtox ramp report</h1>\n<pre>{}</pre>\n<ul>{recs}</ul>\n{idle}<h2>Verdicts</h2>\n{}<p>Search steps are drawn as hollow triangles; a step without a successful request has no latency point.</p>\n{body}</body></html>\n",
+        escape(&summary),
+        verdict_table(steps),
     )
 }
 
@@ -655,4 +997,43 @@ fn escape(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentages_parse_with_or_without_the_sign() {
+        assert_eq!(parse_percent("5%"), Ok(5.0));
+        assert_eq!(parse_percent("2.5"), Ok(2.5));
+        assert!(parse_percent("0%").is_err());
+        assert!(parse_percent("120%").is_err());
+        assert!(parse_percent("x").is_err());
+    }
+
+    #[test]
+    fn failures_by_cause_are_differences_per_status() {
+        let t0 = pb::Counters {
+            timeouts: 2,
+            status: [(503, 5)].into_iter().collect(),
+            ..Default::default()
+        };
+        let t1 = pb::Counters {
+            timeouts: 7,
+            connect_errors: 1,
+            status: [(503, 9), (500, 2)].into_iter().collect(),
+            ..Default::default()
+        };
+        let c = causes(&t0, &t1);
+        assert_eq!(
+            c.into_iter().collect::<Vec<_>>(),
+            [
+                ("connect".to_string(), 1),
+                ("http_500".to_string(), 2),
+                ("http_503".to_string(), 4),
+                ("timeout".to_string(), 5)
+            ]
+        );
+    }
 }

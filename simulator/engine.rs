@@ -39,6 +39,11 @@ pub struct Counters {
     pub sent: AtomicU64,
     pub accepted: AtomicU64,
     pub dropped: AtomicU64,
+    /// Of `dropped`: ticks that found every connection busy.
+    pub dropped_busy: AtomicU64,
+    /// Lanes opened so far: each holds at most one connection, and lanes are never closed, so
+    /// this is the most connections the instance has had open at once.
+    pub lanes: AtomicU64,
     pub bytes: AtomicU64,
     pub in_flight: AtomicU64,
     pub timeout: AtomicU64,
@@ -87,6 +92,8 @@ impl Counters {
             failed: failures.total(),
             failures,
             dropped: self.dropped.load(Relaxed),
+            dropped_busy: self.dropped_busy.load(Relaxed),
+            connections: self.lanes.load(Relaxed) + self.late_pending.load(Relaxed),
             bytes: self.bytes.load(Relaxed),
             active_vehicles: self.active.load(Relaxed),
             in_flight: self.in_flight.load(Relaxed),
@@ -271,9 +278,13 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>) -> Result<()> {
                 .fetch_max((lag_ns / 1000).max(0) as u64, Relaxed);
             // More than an interval behind means the generator cannot keep the schedule;
             // sending late ticks in a burst would misstate the load, so they count as dropped.
-            if lag_ns > interval_ns || !lanes.has_room() {
+            let late = lag_ns > interval_ns;
+            if late || !lanes.has_room() {
                 counters.dropped.fetch_add(1, Relaxed);
                 counters.tally(tally::TALLY_DROPPED, 1);
+                if !late {
+                    counters.dropped_busy.fetch_add(1, Relaxed);
+                }
                 continue;
             }
 
@@ -308,6 +319,7 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>) -> Result<()> {
                 }
                 Err(_) => {
                     counters.dropped.fetch_add(1, Relaxed);
+                    counters.dropped_busy.fetch_add(1, Relaxed);
                     counters.tally(tally::TALLY_DROPPED, 1);
                 }
             }

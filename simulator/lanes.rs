@@ -95,6 +95,7 @@ impl Lanes {
                 let (tx, rx) = mpsc::channel(1);
                 let id = self.senders.len();
                 self.senders.push(tx);
+                self.shared.counters.lanes.fetch_add(1, Relaxed);
                 tokio::spawn(run_lane(id, rx, self.shared.clone()));
                 id
             }

@@ -56,6 +56,11 @@ pub struct Args {
     /// (turn_fault, insulation, bearing, eccentricity, broken_bar); the rest are normal.
     #[arg(long, default_value = "")]
     pub faults: String,
+    /// The window after the run start in which fault onsets fall; `0s` makes every faulty
+    /// vehicle faulty from its first message (its severity still grows from there), so that
+    /// a short run already scores the diagnosis.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    pub fault_onset: Duration,
     /// Seed of every random choice: which vehicles fail and when, drive cycles, jitter.
     #[arg(long, default_value_t = 2024)]
     pub seed: u64,
@@ -129,7 +134,11 @@ fn validate(args: Args) -> Result<Config> {
         );
     }
     let target = vtox::ingest::Target::parse(&args.target).context("--target")?;
-    let faults: FaultMix = args.faults.parse().context("--faults")?;
+    let faults = args
+        .faults
+        .parse::<FaultMix>()
+        .context("--faults")?
+        .with_onset_window(args.fault_onset.as_secs_f64());
     let template = IdTemplate::parse(&args.id_template).context("--id-template")?;
     let schedule = Schedule::new(args.interval.as_secs_f64(), args.jitter, args.seed)
         .context("--interval/--jitter")?;

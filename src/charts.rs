@@ -4,11 +4,16 @@
 use plotters::prelude::*;
 
 /// One chart: x values (fleet sizes) and named series, with optional horizontal SLO line.
+/// A series value of None is no point at all (a step where nothing succeeded has no
+/// latency, which is not a latency of 0). Points of `search` steps are drawn as hollow
+/// triangles, the planned steps' as dots; lines join the points in fleet order.
 pub struct Chart<'a> {
     pub title: &'a str,
     pub y_label: &'a str,
     pub x: &'a [f64],
-    pub series: Vec<(&'a str, Vec<f64>)>,
+    pub series: Vec<(&'a str, Vec<Option<f64>>)>,
+    /// Which x values were search steps (empty: none were).
+    pub search: &'a [bool],
     pub slo: Option<(&'a str, f64)>,
 }
 
@@ -25,11 +30,12 @@ pub fn svg(chart: &Chart<'_>) -> Result<String, String> {
     {
         let root = SVGBackend::with_string(&mut out, (720, 360)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| e.to_string())?;
-        let x_max = chart.x.iter().copied().fold(1.0, f64::max) * 1.05;
+        // From 0, with room on the right, so that a single step still reads as a point.
+        let x_max = chart.x.iter().copied().fold(1.0, f64::max) * 1.1;
         let mut y_max = chart
             .series
             .iter()
-            .flat_map(|(_, v)| v.iter().copied())
+            .flat_map(|(_, v)| v.iter().flatten().copied())
             .fold(0.0, f64::max);
         if let Some((_, y)) = chart.slo {
             y_max = y_max.max(y);
@@ -49,15 +55,35 @@ pub fn svg(chart: &Chart<'_>) -> Result<String, String> {
             .map_err(|e| e.to_string())?;
         for (i, (name, ys)) in chart.series.iter().enumerate() {
             let color = COLORS[i % COLORS.len()];
-            let pts: Vec<(f64, f64)> = chart.x.iter().copied().zip(ys.iter().copied()).collect();
-            c.draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
-                .map_err(|e| e.to_string())?
-                .label(*name)
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2))
-                });
-            c.draw_series(pts.into_iter().map(|p| Circle::new(p, 3, color.filled())))
-                .map_err(|e| e.to_string())?;
+            let mut pts: Vec<(f64, f64, bool)> = chart
+                .x
+                .iter()
+                .zip(ys)
+                .enumerate()
+                .filter_map(|(k, (x, y))| Some((*x, (*y)?, chart.search.get(k) == Some(&true))))
+                .collect();
+            pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+            c.draw_series(LineSeries::new(
+                pts.iter().map(|p| (p.0, p.1)),
+                color.stroke_width(2),
+            ))
+            .map_err(|e| e.to_string())?
+            .label(*name)
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2))
+            });
+            c.draw_series(
+                pts.iter()
+                    .filter(|p| !p.2)
+                    .map(|p| Circle::new((p.0, p.1), 3, color.filled())),
+            )
+            .map_err(|e| e.to_string())?;
+            c.draw_series(
+                pts.iter()
+                    .filter(|p| p.2)
+                    .map(|p| TriangleMarker::new((p.0, p.1), 5, color.stroke_width(1))),
+            )
+            .map_err(|e| e.to_string())?;
         }
         if let Some((name, y)) = chart.slo {
             c.draw_series(LineSeries::new(
@@ -90,14 +116,42 @@ mod tests {
             y_label: "msg/s",
             x: &x,
             series: vec![
-                ("expected", vec![41.0, 83.0, 166.0]),
-                ("achieved", vec![41.0, 83.0, 120.0]),
+                ("expected", vec![Some(41.0), Some(83.0), Some(166.0)]),
+                ("accepted", vec![Some(41.0), Some(83.0), Some(120.0)]),
             ],
+            search: &[],
             slo: Some(("SLO", 150.0)),
         })
         .unwrap();
         assert!(s.starts_with("<svg"));
-        assert!(s.contains("throughput") && s.contains("achieved") && s.contains("SLO"));
-        assert!(s.matches("<circle").count() >= 6);
+        assert!(s.contains("throughput") && s.contains("accepted") && s.contains("SLO"));
+        assert_eq!(s.matches("<circle").count(), 6);
+    }
+
+    #[test]
+    fn missing_values_are_no_points_and_search_steps_are_triangles() {
+        let x = [400.0, 200.0, 100.0];
+        let s = svg(&Chart {
+            title: "latency",
+            y_label: "ms",
+            x: &x,
+            series: vec![("p95", vec![None, Some(30.0), Some(4.0)])],
+            search: &[false, true, true],
+            slo: None,
+        })
+        .unwrap();
+        assert_eq!(s.matches("<circle").count(), 0, "{s}");
+        assert_eq!(s.matches("<polygon").count(), 2, "{s}");
+        // One step alone still draws its point.
+        let one = svg(&Chart {
+            title: "one",
+            y_label: "ms",
+            x: &[50.0],
+            series: vec![("p95", vec![Some(3.0)])],
+            search: &[false],
+            slo: None,
+        })
+        .unwrap();
+        assert_eq!(one.matches("<circle").count(), 1);
     }
 }

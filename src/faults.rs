@@ -73,15 +73,42 @@ impl FromStr for FaultKind {
 }
 
 /// `--faults insulation=5,bearing=3`: the percent of vehicles that develop each fault; the
-/// rest stay normal.
-#[derive(Debug, Clone, Default, PartialEq)]
+/// rest stay normal. Onsets fall within the first `onset_window_s` of the run.
+#[derive(Debug, Clone, PartialEq)]
 pub struct FaultMix {
     shares: Vec<(FaultKind, f64)>,
+    onset_window_s: f64,
+}
+
+impl Default for FaultMix {
+    fn default() -> Self {
+        FaultMix {
+            shares: Vec::new(),
+            onset_window_s: MAX_ONSET_S,
+        }
+    }
 }
 
 impl FaultMix {
     pub fn none() -> Self {
         FaultMix::default()
+    }
+
+    /// The same mix with onsets within the first `seconds` of the run (`--fault-onset`);
+    /// 0 makes every faulty vehicle faulty from its first message. Negative or non-finite
+    /// values are taken as 0.
+    pub fn with_onset_window(mut self, seconds: f64) -> Self {
+        self.onset_window_s = if seconds.is_finite() {
+            seconds.max(0.0)
+        } else {
+            0.0
+        };
+        self
+    }
+
+    /// The window after the run start in which onsets fall, in seconds.
+    pub fn onset_window_s(&self) -> f64 {
+        self.onset_window_s
     }
 
     pub fn shares(&self) -> &[(FaultKind, f64)] {
@@ -125,7 +152,10 @@ impl FromStr for FaultMix {
         }
         // A canonical order keeps assignment independent of how the user ordered the list.
         shares.sort_by_key(|(k, _)| *k);
-        Ok(FaultMix { shares })
+        Ok(FaultMix {
+            shares,
+            ..FaultMix::default()
+        })
     }
 }
 
@@ -136,8 +166,14 @@ const TAG_PEAK: u64 = 4;
 const TAG_RECOVER: u64 = 5;
 const TAG_HOLD: u64 = 6;
 
-/// Onsets fall in the first five minutes of a run so that short runs see faults develop.
+/// Onsets fall in the first five minutes of a run by default, so that short runs see faults
+/// develop (`--fault-onset` changes it).
 pub const MAX_ONSET_S: f64 = 300.0;
+
+/// With an onset window of 0, a fault begins this long before the run start: even the oldest
+/// sample of a vehicle's first message carries it, with a severity already visibly grown
+/// (a tenth to a half of its peak), and it keeps growing from there.
+pub const FROM_START_LEAD_S: f64 = 60.0;
 
 /// One vehicle's fault history over the run.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -176,7 +212,11 @@ impl FaultPlan {
         let recovers = unit(hash3(seed, n, TAG_RECOVER)) < 0.25;
         FaultPlan {
             kind,
-            onset_s: uniform(hash3(seed, n, TAG_ONSET), 0.0, MAX_ONSET_S),
+            onset_s: if mix.onset_window_s > 0.0 {
+                uniform(hash3(seed, n, TAG_ONSET), 0.0, mix.onset_window_s)
+            } else {
+                -FROM_START_LEAD_S
+            },
             ramp_s: uniform(hash3(seed, n, TAG_RAMP), 120.0, 600.0),
             peak: uniform(hash3(seed, n, TAG_PEAK), 0.4, 1.0),
             recover_after_s: recovers.then(|| uniform(hash3(seed, n, TAG_HOLD), 60.0, 300.0)),
@@ -299,6 +339,37 @@ mod tests {
             FaultPlan::for_vehicle(&m2, 42, 77),
             FaultPlan::for_vehicle(&m, 42, 77)
         );
+    }
+
+    #[test]
+    fn the_onset_window_bounds_onsets_and_zero_means_from_the_first_message() {
+        let m: FaultMix = "bearing=100".parse().unwrap();
+        assert_eq!(m.onset_window_s(), MAX_ONSET_S);
+        let onsets = |mix: &FaultMix| -> Vec<f64> {
+            (0..2000)
+                .map(|v| FaultPlan::for_vehicle(mix, 7, v).onset_s)
+                .collect()
+        };
+        let short = m.clone().with_onset_window(30.0);
+        let o = onsets(&short);
+        assert!(o.iter().all(|x| (0.0..30.0).contains(x)));
+        assert!(o.iter().any(|x| *x > 25.0), "spread over the window");
+        // The kind, ramp and peak do not depend on the window.
+        assert_eq!(
+            FaultPlan::for_vehicle(&short, 7, 3).peak,
+            FaultPlan::for_vehicle(&m, 7, 3).peak
+        );
+        let now = m.clone().with_onset_window(0.0);
+        for v in 0..2000 {
+            let p = FaultPlan::for_vehicle(&now, 7, v);
+            // Even a first message whose samples reach back before the run start is faulty.
+            let (kind, s) = p.state(-0.2);
+            assert_eq!(kind, FaultKind::Bearing);
+            assert!(s > 0.0 && s < p.peak, "severity still grows: {s}");
+            assert!(p.severity(60.0) > s);
+        }
+        assert_eq!(m.clone().with_onset_window(-5.0).onset_window_s(), 0.0);
+        assert_eq!(m.with_onset_window(f64::NAN).onset_window_s(), 0.0);
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod plan;
 pub mod process;
 pub mod prometheus;
+pub mod ramp;
 pub mod rng;
 pub mod schedule;
 pub mod score;

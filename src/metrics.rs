@@ -232,9 +232,18 @@ pub struct SimReport {
     pub failed: u64,
     #[serde(default)]
     pub failures: Failures,
-    /// Ticks that found the in-flight cap full and were skipped (the schedule is open: a slow
-    /// target never delays later ticks).
+    /// Ticks skipped: those that found the in-flight cap full (the schedule is open: a slow
+    /// target never delays later ticks) and those the generator reached more than an interval
+    /// late.
     pub dropped: u64,
+    /// Of `dropped`: ticks that found every connection busy with a slow target. The rest were
+    /// the generator's own lateness.
+    #[serde(default)]
+    pub dropped_busy: u64,
+    /// Connections open now at most: one per lane, plus timed-out ones watched for a late
+    /// answer.
+    #[serde(default)]
+    pub connections: u64,
     /// Request body bytes sent.
     pub bytes: u64,
     /// Vehicles currently scheduled.

@@ -22,6 +22,8 @@ impl pb::Counters {
             accepted: r.accepted,
             failed: r.failed,
             dropped: r.dropped,
+            dropped_busy: r.dropped_busy,
+            connections: r.connections,
             bytes: r.bytes,
             timeouts: r.failures.timeout,
             late_accepted: r.late_accepted,
@@ -47,6 +49,8 @@ impl pb::Counters {
         self.accepted += o.accepted;
         self.failed += o.failed;
         self.dropped += o.dropped;
+        self.dropped_busy += o.dropped_busy;
+        self.connections += o.connections;
         self.bytes += o.bytes;
         self.timeouts += o.timeouts;
         self.late_accepted += o.late_accepted;
