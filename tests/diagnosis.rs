@@ -422,10 +422,10 @@ fn score_reports_exactly_what_the_diagnosis_did() {
     );
     assert_eq!(r["diagnosis"]["unreadable"], 0);
     assert_eq!(
-        r["backlog"]["groups"].as_array().map(Vec::len),
+        r["backend_pipeline"]["groups"].as_array().map(Vec::len),
         Some(5),
         "{}",
-        r["backlog"]
+        r["backend_pipeline"]
     );
 
     // Without --redis there is nothing to score: a usage error.
@@ -480,6 +480,7 @@ fn a_slow_diagnosis_fails_its_ramp_step_as_backlog() {
         &backend.read_only,
         "--steps",
         "10,60",
+        "--no-search",
         "--step-duration",
         "6s",
         "--warmup",
@@ -515,7 +516,7 @@ fn a_slow_diagnosis_fails_its_ramp_step_as_backlog() {
                 .output()
                 .ok()?;
             let s: Json = serde_json::from_slice(&o.stdout).ok()?;
-            let groups = s["backlog"]["groups"].as_array()?.clone();
+            let groups = s["backend_pipeline"]["groups"].as_array()?.clone();
             let all_growing = groups.len() == 5
                 && groups
                     .iter()
@@ -548,7 +549,7 @@ fn a_slow_diagnosis_fails_its_ramp_step_as_backlog() {
     for g in p["groups"].as_array().expect("groups") {
         let done = g["processed_msgs_per_s"].as_f64().expect("processed rate");
         assert!((45.0..=75.0).contains(&done), "{g}");
-        let slope = g["lag_slope_per_s"].as_f64().expect("slope");
+        let slope = g["backlog_slope_per_s"].as_f64().expect("slope");
         assert!(slope > 30.0, "{g}");
     }
     assert!(
@@ -565,12 +566,257 @@ fn a_slow_diagnosis_fails_its_ramp_step_as_backlog() {
         4,
         "a fourth chart for the diagnosis"
     );
-    assert!(html.contains("slowest consumer group"));
+    assert!(html.contains("slowest live consumer group"));
     let ok = &steps[0]["backend_pipeline"];
     assert_eq!(ok["falling_behind"], serde_json::json!([]), "{ok}");
     assert!(
         r["diagnosis"]["results"].as_u64().is_some_and(|n| n > 0),
         "the ramp ends with a score: {}",
         r["diagnosis"]
+    );
+}
+
+/// One consumer group read by one consumer at most `rate` entries a second; counts what it
+/// was delivered.
+struct SlowGroup {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<u64>,
+}
+
+impl SlowGroup {
+    fn start(url: &str, group: &str, rate: f64) -> SlowGroup {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (url, group, flag) = (url.to_string(), group.to_string(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let mut con = connect(&url);
+            let mut delivered = 0u64;
+            let mut next_slot = Instant::now();
+            while !flag.load(Ordering::SeqCst) {
+                let reply: Value = redis::cmd("XREADGROUP")
+                    .arg("GROUP")
+                    .arg(&group)
+                    .arg("slow-worker")
+                    .arg("COUNT")
+                    .arg(5)
+                    .arg("BLOCK")
+                    .arg(100)
+                    .arg("STREAMS")
+                    .arg(RAW)
+                    .arg(">")
+                    .query(&mut con)
+                    .expect("XREADGROUP");
+                for (id, _) in read_entries(&reply) {
+                    delivered += 1;
+                    next_slot = next_slot.max(Instant::now()) + Duration::from_secs_f64(1.0 / rate);
+                    std::thread::sleep(next_slot.saturating_duration_since(Instant::now()));
+                    let _: u64 = redis::cmd("XACK")
+                        .arg(RAW)
+                        .arg(&group)
+                        .arg(&id)
+                        .query(&mut con)
+                        .expect("XACK");
+                }
+            }
+            delivered
+        });
+        SlowGroup { stop, thread }
+    }
+
+    fn finish(self) -> u64 {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread.join().expect("consumer thread")
+    }
+}
+
+fn xinfo_stream(url: &str) -> (u64, u64) {
+    let mut con = connect(url);
+    let info: Value = redis::cmd("XINFO")
+        .arg("STREAM")
+        .arg(RAW)
+        .query(&mut con)
+        .expect("XINFO STREAM");
+    let p = vtox::backlog::pairs(&info);
+    let get = |k: &str| {
+        p.iter()
+            .find(|(key, _)| key == k)
+            .and_then(|(_, v)| vtox::backlog::number(v))
+            .expect("a counter")
+    };
+    (get("entries-added"), get("length"))
+}
+
+#[test]
+fn idle_groups_are_never_judged_and_a_slow_group_sets_the_diagnosis_limit_and_loses_to_maxlen() {
+    let Some(redis) = RedisServer::start_or_skip() else {
+        return;
+    };
+    let url = redis.url();
+    let mut con = connect(&url);
+    // As the backend does: groups on the raw stream, one of which nothing ever reads.
+    for g in ["performance_monitor_group", "bearing_diagnosis"] {
+        let _: () = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(RAW)
+            .arg(g)
+            .arg("0")
+            .arg("MKSTREAM")
+            .query(&mut con)
+            .expect("XGROUP CREATE");
+    }
+    let _: () = redis::cmd("ACL")
+        .arg(&[
+            "SETUSER",
+            "vtox",
+            "on",
+            ">ro",
+            "~*",
+            "+@read",
+            "+@connection",
+            "+time",
+        ])
+        .query(&mut con)
+        .expect("ACL SETUSER");
+    let read_only = format!("redis://vtox:ro@{}", redis.addr());
+    // A stream short enough that the slow group falls off it during the failing step.
+    let sink = format!("127.0.0.1:{}", free_port());
+    let _sink = Proc::spawn(
+        "vtox-sink",
+        &["--listen", &sink, "--redis", &url, "--maxlen", "300"],
+    );
+    wait_listening(&sink, Duration::from_secs(10));
+    // R = 20 msg/s: 10 vehicles at 0.5 s.
+    let slow = SlowGroup::start(&url, "bearing_diagnosis", 20.0);
+    let coord = format!("127.0.0.1:{}", free_port());
+    let _coord = Proc::spawn("vtox-coord", &["serve", "--listen", &coord]);
+    wait_listening(&coord, Duration::from_secs(10));
+    let logs = TempDir::new("lost");
+    let _agent = Proc::spawn("vtox-agent", &["--join", &coord, "--log-dir", logs.path()]);
+    let coord_url = format!("http://{coord}");
+    let out = logs.0.join("report.json");
+    let o = Command::new(bin("vtox-coord"))
+        .args([
+            "ramp",
+            "--coord",
+            &coord_url,
+            "--target",
+            &format!("http://{sink}"),
+            "--redis",
+            &read_only,
+            "--steps",
+            "4,30",
+            "--no-search",
+            "--step-duration",
+            "8s",
+            "--warmup",
+            "2s",
+            "--interval",
+            "0.5s",
+            "--out",
+        ])
+        .arg(&out)
+        .arg("--html")
+        .arg(logs.0.join("report.html"))
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run the ramp");
+    let delivered = slow.finish();
+    let r: Json = std::fs::read(&out)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(99), "{err}\n{r}");
+    let steps = r["steps"].as_array().expect("steps");
+    assert_eq!(steps.len(), 2, "{r}");
+    // The idle group read nothing while MAXLEN trimmed past it: listed, never judged.
+    let first = &steps[0];
+    assert_eq!(first["verdict"], "pass", "{first}");
+    let p = &first["backend_pipeline"];
+    assert_eq!(
+        p["idle_groups"][0]["name"], "performance_monitor_group",
+        "{p}"
+    );
+    assert_eq!(p["groups"].as_array().map(Vec::len), Some(1), "{p}");
+    assert_eq!(p["groups"][0]["name"], "bearing_diagnosis");
+    assert_eq!(
+        r["idle_groups"],
+        serde_json::json!(["performance_monitor_group"])
+    );
+    // The first step whose ingest (60 msg/s) exceeds R fails on the diagnosis only.
+    let fail = &steps[1];
+    assert_eq!(fail["verdict"], "fail", "{fail}");
+    assert_eq!(fail["success_percent"], 100.0, "{fail}");
+    assert_eq!(fail["limiting_side"], "diagnosis", "{fail}");
+    let failed_as = fail["failed_as"].as_array().expect("failed_as");
+    assert!(failed_as.contains(&serde_json::json!("lost")), "{fail}");
+    let g = &fail["backend_pipeline"]["groups"][0];
+    let done = g["processed_msgs_per_s"].as_f64().expect("processed rate");
+    assert!(
+        (17.0..=23.0).contains(&done),
+        "trimmed entries are not processing: {g}"
+    );
+    assert!(
+        g["trimmed_unread_in_window"]
+            .as_u64()
+            .is_some_and(|n| n > 0),
+        "{g}"
+    );
+    assert!(
+        g["backlog_end"].as_u64().is_some_and(|b| b <= 400),
+        "a backlog never exceeds the stream: {g}"
+    );
+    let limit = r["performance_limits"]["diagnosis_limit_vehicles"]
+        .as_u64()
+        .expect("a diagnosis limit");
+    assert!((9..=11).contains(&limit), "R × interval = 10: {r}");
+    assert_eq!(r["performance_limits"]["limited_by"], "diagnosis");
+    assert_eq!(r["test_summary"]["estimated_system_limit"], limit.max(4));
+    assert!(
+        r["messages_never_diagnosed"]
+            .as_u64()
+            .is_some_and(|n| n > 0),
+        "{r}"
+    );
+    let recs = r["system_recommendations"].to_string();
+    assert!(
+        recs.contains("bearing_diagnosis") && recs.contains("never") || recs.contains("trimmed"),
+        "{recs}"
+    );
+
+    // The consumer has stopped; more messages push the stream's head past what it read, so
+    // everything it did not get is gone. vtox must count exactly that, by its own arithmetic.
+    for i in 0..400 {
+        let _: String = redis::cmd("XADD")
+            .arg(RAW)
+            .arg("MAXLEN")
+            .arg(50)
+            .arg("*")
+            .arg("n")
+            .arg(i)
+            .query(&mut con)
+            .expect("XADD");
+    }
+    let (added, len) = xinfo_stream(&url);
+    let accepted = get_json(&sink, "/stats").expect("sink stats")["accepted"]
+        .as_u64()
+        .expect("accepted");
+    assert_eq!(added, accepted + 400, "every message reached the stream");
+    let exact = added - len - delivered;
+    let o = Command::new(bin("vtox-coord"))
+        .args([
+            "status", "--coord", &coord_url, "--redis", &read_only, "--json",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .expect("status --redis");
+    let s: Json = serde_json::from_slice(&o.stdout).expect("status --json");
+    let g = &s["backend_pipeline"]["groups"][0];
+    assert_eq!(g["name"], "bearing_diagnosis", "{s}");
+    assert_eq!(g["trimmed_unread"], exact, "{g}");
+    assert_eq!(g["processed_msgs_per_s"], 0.0, "{g}");
+    assert_eq!(
+        s["backend_pipeline"]["idle_groups"][0]["name"],
+        "performance_monitor_group"
     );
 }

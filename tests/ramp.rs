@@ -182,20 +182,16 @@ fn a_step_without_successes_has_no_latency_point_and_the_table_says_why() {
     assert!(figure(&html, "accepted vs expected").contains("accepted"));
 }
 
-/// A process that keeps one core busy until dropped.
-struct Hog(Proc);
-
-impl Hog {
-    fn start() -> Hog {
-        let child = Command::new("sh")
-            .args(["-c", "while :; do :; done"])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start a busy loop");
-        Hog(Proc {
-            child,
-            name: "hog".into(),
-        })
+/// A process that keeps one core busy until dropped (killed with it).
+fn hog() -> Proc {
+    let child = Command::new("sh")
+        .args(["-c", "while :; do :; done"])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start a busy loop");
+    Proc {
+        child,
+        name: "hog".into(),
     }
 }
 
@@ -206,7 +202,7 @@ fn a_busy_host_is_shared_and_the_generator_judged_on_its_own() {
     let _sink = Proc::spawn("vtox-sink", &["--listen", &sink]);
     wait_listening(&sink, Duration::from_secs(10));
     // Other load on the generator's host, as when the backend runs beside it.
-    let _hog = Hog::start();
+    let _hog = hog();
     let dir = TempDir::new("ramp-hog");
     let out = dir.0.join("report.json");
     let (code, r) = ramp(&sink, "20", &out, &[]);
