@@ -1,8 +1,9 @@
 //! `vtox-agent`: joins a coordinator, reports this host's hardware, runs the simulator
 //! instances it is assigned and streams their metrics back. One per host.
 
-mod hardware;
 mod supervisor;
+
+use vtox::hardware;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
@@ -383,35 +384,18 @@ async fn serve_metrics(
     name: String,
     sup: mpsc::Sender<supervisor::Command>,
 ) -> Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot listen on {addr} for metrics"))?;
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let (name, sup) = (name.clone(), sup.clone());
-            async move {
-                let instances = snapshot(&sup)
-                    .await
-                    .map(|s| s.instances)
-                    .unwrap_or_default();
-                (
-                    [(
-                        axum::http::header::CONTENT_TYPE,
-                        "text/plain; version=0.0.4",
-                    )],
-                    vtox::prometheus::agent(&name, &instances),
-                )
-            }
-        }),
-    );
-    tracing::info!("metrics on http://{addr}/metrics");
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!("the metrics server stopped: {e}");
+    vtox::process::serve_metrics(addr, move || {
+        let (name, sup) = (name.clone(), sup.clone());
+        async move {
+            let instances = snapshot(&sup)
+                .await
+                .map(|s| s.instances)
+                .unwrap_or_default();
+            vtox::prometheus::agent(&name, &instances)
         }
-    });
-    Ok(())
+    })
+    .await
+    .with_context(|| format!("cannot listen on {addr} for metrics"))
 }
 
 async fn snapshot(sup: &mpsc::Sender<supervisor::Command>) -> Option<supervisor::Snapshot> {

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 use vtox::backlog::{self, parse_entries_added, parse_groups, parse_stream_info, text, Sample};
 use vtox::duration::parse_duration;
+use vtox::redis_url::shown;
 use vtox::score::{Diagnosis, Raw, Scorecard, Truth};
 
 /// One Redis call may take this long before the backend's Redis counts as unreachable.
@@ -22,7 +23,7 @@ const PAGE: usize = 500;
 pub struct RedisArgs {
     /// The backend's Redis, watched read-only: diagnosis backlog per consumer group, and the
     /// diagnoses scored against the injected faults.
-    #[arg(long, value_name = "URL", value_parser = parse_redis_url)]
+    #[arg(long, value_name = "URL", value_parser = vtox::redis_url::parse)]
     pub redis: Option<String>,
     /// The stream the ingest API appends raw messages to.
     #[arg(long, default_value = backlog::RAW_STREAM, value_name = "KEY")]
@@ -46,20 +47,6 @@ impl RedisArgs {
             anyhow::bail!("--backlog-tolerance must be a percentage from 0 to 1000");
         }
         Ok(())
-    }
-}
-
-fn parse_redis_url(s: &str) -> Result<String, String> {
-    redis::Client::open(s)
-        .map(|_| s.to_string())
-        .map_err(|e| format!("not a Redis URL ({e}); expected e.g. redis://127.0.0.1:6379"))
-}
-
-/// A URL with any password hidden, for messages.
-fn shown(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => format!("{}://***@{}", &url[..s], &url[at + 1..]),
-        _ => url.to_string(),
     }
 }
 
@@ -399,15 +386,6 @@ pub async fn score(a: ScoreArgs) -> Result<std::process::ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn passwords_never_show() {
-        assert_eq!(
-            shown("redis://user:secret@10.0.0.1:6379/0"),
-            "redis://***@10.0.0.1:6379/0"
-        );
-        assert_eq!(shown("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
-    }
 
     #[test]
     fn reads_xrange_replies() {

@@ -1,14 +1,13 @@
 //! `vtox-coord`: the coordinator (`serve`) and the CLI that plans, starts, watches and stops
 //! fleets across the agents that joined it.
 
-#[path = "../agent/hardware.rs"]
-mod hardware;
-
 mod backend;
 mod cli;
+mod drive;
 mod local;
 mod planning;
 mod ramp;
+mod render;
 mod server;
 
 use clap::{Args as ClapArgs, Parser, Subcommand};
@@ -176,13 +175,7 @@ pub struct RunArgs {
     #[arg(value_parser = planning::parse_vehicles, allow_hyphen_values = true)]
     pub vehicles: u64,
     #[command(flatten)]
-    pub coord: CoordArg,
-    /// Start a coordinator, one agent and (without --target) a vtox-sink on this machine.
-    #[arg(long)]
-    pub local: bool,
-    /// Base URL of the backend's ingest API [default: http://127.0.0.1:8000, or the local sink].
-    #[arg(long)]
-    pub target: Option<String>,
+    pub drive: drive::DriveArgs,
     /// Number of the first vehicle: several coordinators, each over its own hosts, split one
     /// fleet into slices (e.g. 0 and 50000 for two halves of 100,000).
     #[arg(long, default_value_t = 0)]
@@ -190,42 +183,6 @@ pub struct RunArgs {
     /// How long the fleet drives [default: until Ctrl-C].
     #[arg(long, value_parser = parse_duration)]
     pub duration: Option<Duration>,
-    #[command(flatten)]
-    pub load: LoadArgs,
-    /// Percent of vehicles with a developing fault, e.g. insulation=5,bearing=3.
-    #[arg(long, default_value = "")]
-    pub faults: String,
-    /// The window after the run start in which fault onsets fall [default: 5m]; `0s` makes
-    /// faulty vehicles faulty from their first message, so a short run already scores.
-    #[arg(long, value_parser = parse_duration)]
-    pub fault_onset: Option<Duration>,
-    /// Delay between starting two instances on one agent. Schedules are anchored to the run
-    /// start, so this only spreads process start-up; a late instance simply joins in step.
-    #[arg(long, default_value = "200ms", value_parser = parse_duration)]
-    pub stagger: Duration,
-    /// Wait until this many agents joined before planning.
-    #[arg(long, default_value_t = 1)]
-    pub expect_agents: u32,
-    /// How long to wait for them.
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
-    pub wait: Duration,
-    /// Exit non-zero when fewer than this percent of requests succeeded.
-    #[arg(long, default_value_t = 99.0)]
-    pub min_success: f64,
-    /// Seed of every random choice (which vehicles fail and when, drive cycles, jitter).
-    #[arg(long, default_value_t = 2024)]
-    pub seed: u64,
-    /// Request timeout of the simulators.
-    #[arg(long, default_value = "5s", value_parser = parse_duration)]
-    pub timeout: Duration,
-    /// Most requests in flight per instance.
-    #[arg(long, default_value_t = 1024)]
-    pub max_in_flight: u32,
-    /// Samples per second of the samples in a message.
-    #[arg(long, default_value_t = 50)]
-    pub sampling_rate: u32,
-    #[command(flatten)]
-    pub redis: backend::RedisArgs,
     /// Print the final summary as one JSON object.
     #[arg(long)]
     pub json: bool,

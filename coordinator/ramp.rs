@@ -6,7 +6,7 @@
 
 use crate::backend::{unix_now, BackendRedis, Sampler};
 use crate::cli::{connect, params_of, status_error};
-use crate::{CoordArg, LoadArgs};
+use crate::drive::{self, DriveArgs};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args as ClapArgs;
 use serde_json::{json, Value};
@@ -41,14 +41,6 @@ fn parse_percent(s: &str) -> Result<f64, String> {
 
 #[derive(Debug, ClapArgs)]
 pub struct RampArgs {
-    #[command(flatten)]
-    pub coord: CoordArg,
-    /// Start a coordinator, one agent and (without --target) a vtox-sink on this machine.
-    #[arg(long)]
-    pub local: bool,
-    /// Base URL of the backend's ingest API [default: http://127.0.0.1:8000, or the local sink].
-    #[arg(long)]
-    pub target: Option<String>,
     /// Fleet sizes, in order.
     #[arg(
         long,
@@ -62,9 +54,6 @@ pub struct RampArgs {
     /// Unmeasured time at the start of each step.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub warmup: Duration,
-    /// A step fails below this percent of successful requests.
-    #[arg(long, default_value_t = 99.0)]
-    pub min_success: f64,
     /// A step fails when its 95th percentile latency exceeds this.
     #[arg(long, default_value = "500ms", value_parser = parse_duration)]
     pub max_p95: Duration,
@@ -91,22 +80,7 @@ pub struct RampArgs {
     #[arg(long, value_name = "PREFIX")]
     pub csv: Option<String>,
     #[command(flatten)]
-    pub load: LoadArgs,
-    /// Percent of vehicles with a developing fault, e.g. insulation=5,bearing=3.
-    #[arg(long, default_value = "")]
-    pub faults: String,
-    /// The window after each step's start in which fault onsets fall [default: 5m]; `0s`
-    /// makes faulty vehicles faulty from their first message, so short steps score too.
-    #[arg(long, value_parser = parse_duration)]
-    pub fault_onset: Option<Duration>,
-    /// Wait until this many agents joined before the first step.
-    #[arg(long, default_value_t = 1)]
-    pub expect_agents: u32,
-    /// Request timeout of the simulators.
-    #[arg(long, default_value = "5s", value_parser = parse_duration)]
-    pub timeout: Duration,
-    #[command(flatten)]
-    pub redis: crate::backend::RedisArgs,
+    pub drive: DriveArgs,
 }
 
 impl RampArgs {
@@ -241,40 +215,24 @@ pub async fn ramp(a: RampArgs) -> Result<ExitCode> {
     if a.steps.is_empty() || a.steps.contains(&0) {
         bail!("--steps must list fleet sizes of at least 1 vehicle");
     }
-    if let Some(t) = &a.target {
-        vtox::ingest::Target::parse(t).context("--target")?;
-    }
-    a.faults
-        .parse::<vtox::faults::FaultMix>()
-        .context("--faults")?;
-    a.redis.check()?;
-    let mut redis = BackendRedis::connect(&a.redis).await?;
+    a.drive.check()?;
+    let mut redis = BackendRedis::connect(&a.drive.redis).await?;
     let score_from = match &mut redis {
         Some(r) => Some(r.server_ms().await?),
         None => None,
     };
     let keep = (a.warmup + a.step_duration).as_secs() as usize + 30;
     let sampler = redis.clone().map(|r| Sampler::start(r, keep));
-    let cluster = if a.local {
-        Some(crate::local::start(a.target.clone()).await?)
-    } else {
-        None
-    };
-    let (url, target) = match &cluster {
-        Some(c) => (c.coord_url.clone(), c.target.clone()),
-        None => (
-            a.coord.coord.clone(),
-            a.target
-                .clone()
-                .unwrap_or_else(|| "http://127.0.0.1:8000".into()),
-        ),
-    };
+    let (cluster, url, target) = a.drive.endpoints().await?;
     let mut history = Vec::new();
     let result = run_steps(&a, &url, &target, sampler.as_ref(), &mut history).await;
     if let Some(c) = cluster {
         c.shutdown().await;
     }
-    let steps = result?;
+    let (steps, interrupted) = result?;
+    if steps.is_empty() {
+        bail!("interrupted before the first step was measured");
+    }
     let mut report = report(&a, &steps);
     if let Some(r) = &mut redis {
         match r.score(score_from).await {
@@ -305,6 +263,10 @@ pub async fn ramp(a: RampArgs) -> Result<ExitCode> {
         }
     }
     println!("{}", report["test_summary"]);
+    if interrupted {
+        eprintln!("interrupted: the report covers the steps measured so far");
+        return Ok(ExitCode::from(130));
+    }
     Ok(if steps.iter().all(Step::passed) {
         ExitCode::SUCCESS
     } else {
@@ -318,27 +280,16 @@ async fn run_steps(
     target: &str,
     sampler: Option<&Sampler>,
     history: &mut Vec<HistoryRow>,
-) -> Result<Vec<Step>> {
+) -> Result<(Vec<Step>, bool)> {
     let mut client = connect(url).await?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let agents = client
-            .list_agents(pb::ListAgentsRequest {})
-            .await
-            .map_err(status_error)?
-            .into_inner()
-            .agents;
-        if agents.iter().filter(|x| x.connected).count() as u32 >= a.expect_agents.max(1) {
-            break;
-        }
-        if std::time::Instant::now() > deadline {
-            bail!(
-                "fewer than {} agents joined within a minute",
-                a.expect_agents.max(1)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    drive::wait_for_agents(&mut client, a.drive.expect_agents, a.drive.wait).await?;
+    let mut shutdown = drive::shutdown_signal();
+    let ctx = Ctx {
+        a,
+        url,
+        target,
+        sampler,
+    };
     let mut steps: Vec<Step> = Vec::new();
     for (i, &n) in a.steps.iter().enumerate() {
         eprintln!(
@@ -348,7 +299,10 @@ async fn run_steps(
             a.step_duration,
             a.warmup
         );
-        let step = run_step(a, &mut client, target, n, false, sampler, history).await?;
+        let Some(step) = run_step(&ctx, &mut client, n, false, history, &mut shutdown).await?
+        else {
+            return Ok((steps, true));
+        };
         eprintln!("  {}", step.line());
         let failed = !step.passed();
         steps.push(step);
@@ -357,7 +311,7 @@ async fn run_steps(
         }
     }
     if a.no_search {
-        return Ok(steps);
+        return Ok((steps, false));
     }
     // The knee lies between the largest fleet that passed below the first failure and that
     // failure: bisect there with shorter steps, so the report names a passing fleet even when
@@ -368,7 +322,7 @@ async fn run_steps(
         .map(|s| s.vehicles)
         .min()
     else {
-        return Ok(steps);
+        return Ok((steps, false));
     };
     let below = steps
         .iter()
@@ -385,12 +339,14 @@ async fn run_steps(
             search.passing,
             search.failing
         );
-        let step = run_step(a, &mut client, target, n, true, sampler, history).await?;
+        let Some(step) = run_step(&ctx, &mut client, n, true, history, &mut shutdown).await? else {
+            return Ok((steps, true));
+        };
         eprintln!("  {}", step.line());
         search.record(n, step.passed());
         steps.push(step);
     }
-    Ok(steps)
+    Ok((steps, false))
 }
 
 /// The highest use each agent's host showed during the window.
@@ -442,49 +398,42 @@ fn causes(t0: &pb::Counters, t1: &pb::Counters) -> BTreeMap<String, u64> {
     out
 }
 
+/// What every step of one ramp shares.
+struct Ctx<'a> {
+    a: &'a RampArgs,
+    url: &'a str,
+    target: &'a str,
+    sampler: Option<&'a Sampler>,
+}
+
+/// Runs one step and judges it; None when interrupted (the step's run is stopped).
 async fn run_step(
-    a: &RampArgs,
+    ctx: &Ctx<'_>,
     client: &mut crate::cli::ControlClient,
-    target: &str,
     n: u64,
     search: bool,
-    sampler: Option<&Sampler>,
     history: &mut Vec<HistoryRow>,
-) -> Result<Step> {
-    let interval = a.load.interval.as_secs_f64();
+    shutdown: &mut drive::Shutdown,
+) -> Result<Option<Step>> {
+    let Ctx {
+        a,
+        url,
+        target,
+        sampler,
+    } = *ctx;
+    let interval = a.drive.load.interval.as_secs_f64();
     let measured = if search {
         a.search_duration()
     } else {
         a.step_duration
     };
-    let spec = pb::RunSpec {
-        target: target.to_string(),
-        interval_s: interval,
-        jitter: 0.1,
-        batch_size: a.load.batch_size,
-        sampling_rate: 50,
-        faults: a.faults.clone(),
-        seed: 2024,
-        timeout_s: a.timeout.as_secs_f64(),
-        max_in_flight: 1024,
-        stagger_s: 0.05,
-        duration_s: (a.warmup + measured).as_secs_f64(),
-        fault_onset_s: a.fault_onset.map(|d| d.as_secs_f64()),
-        ..Default::default()
-    };
     let req = pb::StartRequest {
-        params: Some(params_of(n, &a.load)),
-        spec: Some(spec),
+        params: Some(params_of(n, &a.drive.load)),
+        spec: Some(a.drive.spec(target, Some(a.warmup + measured))),
         expect_agents: 0,
     };
     let started = client.start(req).await.map_err(status_error)?.into_inner();
-    let mut watch = client
-        .watch(pb::WatchRequest { interval_ms: 500 })
-        .await
-        .map_err(status_error)?
-        .into_inner();
     let mut start: Option<pb::RunStatus> = None;
-    let mut end: Option<pb::RunStatus> = None;
     let mut hosts: BTreeMap<String, HostUse> = Default::default();
     let (mut peak_connections, mut max_lag_ms) = (0u64, 0f64);
     let total_s = (a.warmup + measured).as_secs_f64() + 1.0;
@@ -496,54 +445,66 @@ async fn run_step(
     bar.set_prefix(format!("{n} vehicles"));
     let mut prev: Option<(f64, u64, u64, Latency)> = None;
     let (mut window_from, mut window_to) = (0.0, 0.0);
-    while let Some(s) = watch.message().await.map_err(status_error)? {
-        if s.run_id != started.run_id {
-            bail!("the coordinator started another run");
-        }
-        bar.set_position(s.elapsed_s.min(total_s) as u64);
-        let t = s.totals.clone().unwrap_or_default();
-        let lat = Latency::from_bytes(&t.latency_hdr).unwrap_or_default();
-        let done = t.accepted + t.failed;
-        if let Some((pt, pdone, pfailed, plat)) = &prev {
-            let dt = (s.elapsed_s - pt).max(0.001);
-            let rate = done.saturating_sub(*pdone) as f64 / dt;
-            bar.set_message(format!("{rate:.0} msg/s, {:.2}% ok", t.success_percent()));
-            history.push(HistoryRow {
-                unix: unix_now(),
-                vehicles: n,
-                rate,
-                failures: t.failed.saturating_sub(*pfailed) as f64 / dt,
-                latency: lat.since(plat).unwrap_or_default(),
-                total: done,
-                failed: t.failed,
-            });
-        }
-        prev = Some((s.elapsed_s, done, t.failed, lat));
-        let running = s.state == "running";
-        // The run's clock starts a second before its schedules (see Start).
-        let measuring = s.elapsed_s >= a.warmup.as_secs_f64() + 1.0;
-        if measuring && start.is_none() {
-            start = Some(s.clone());
-            window_from = unix_now();
-        }
-        if start.is_some() && running {
-            track_hosts(&mut hosts, &s);
-            peak_connections = peak_connections.max(connections(&s));
-            max_lag_ms = max_lag_ms.max(t.max_lag_ms);
-        }
-        if !running {
-            end = Some(s);
-            break;
-        }
-        // The backend's streams are judged while the fleet drives, not as it winds down.
-        window_to = unix_now();
-    }
+    let watched = drive::watch_run(
+        client,
+        url,
+        &started.run_id,
+        Duration::from_millis(500),
+        shutdown,
+        |s| {
+            bar.set_position(s.elapsed_s.min(total_s) as u64);
+            let t = s.totals.clone().unwrap_or_default();
+            let lat = Latency::from_bytes(&t.latency_hdr).unwrap_or_default();
+            let done = t.accepted + t.failed;
+            if let Some((pt, pdone, pfailed, plat)) = &prev {
+                let dt = (s.elapsed_s - pt).max(0.001);
+                let rate = done.saturating_sub(*pdone) as f64 / dt;
+                bar.set_message(format!("{rate:.0} msg/s, {:.2}% ok", t.success_percent()));
+                history.push(HistoryRow {
+                    unix: unix_now(),
+                    vehicles: n,
+                    rate,
+                    failures: t.failed.saturating_sub(*pfailed) as f64 / dt,
+                    latency: lat.since(plat).unwrap_or_default(),
+                    total: done,
+                    failed: t.failed,
+                });
+            }
+            prev = Some((s.elapsed_s, done, t.failed, lat));
+            let running = s.state == "running";
+            // The run's clock starts a second before its schedules (see Start).
+            let measuring = s.elapsed_s >= a.warmup.as_secs_f64() + 1.0;
+            if measuring && start.is_none() {
+                start = Some(s.clone());
+                window_from = unix_now();
+            }
+            if start.is_some() && running {
+                track_hosts(&mut hosts, s);
+                peak_connections = peak_connections.max(connections(s));
+                max_lag_ms = max_lag_ms.max(t.max_lag_ms);
+                // The backend's streams are judged while the fleet drives, not as it winds
+                // down.
+                window_to = unix_now();
+            }
+        },
+    )
+    .await?;
     bar.finish_and_clear();
+    if watched.interrupted {
+        eprintln!("stopping the step");
+        drive::stop_and_settle(client, &started.run_id).await?;
+        return Ok(None);
+    }
+    let end = watched.last;
     let (Some(start), Some(end)) = (start, end) else {
         bail!("the step ended before its measured window")
     };
-    let pipeline = sampler
-        .and_then(|x| backlog::window(&x.between(window_from, window_to), a.redis.tolerance()));
+    let pipeline = sampler.and_then(|x| {
+        backlog::window(
+            &x.between(window_from, window_to),
+            a.drive.redis.tolerance(),
+        )
+    });
     let (t0, t1) = (
         start.totals.unwrap_or_default(),
         end.totals.unwrap_or_default(),
@@ -599,9 +560,11 @@ async fn run_step(
         failed_as: Vec::new(),
         pipeline: None,
     };
-    if step.success < a.min_success {
-        step.failures
-            .push(format!("success {:.2}% < {}%", step.success, a.min_success));
+    if step.success < a.drive.min_success {
+        step.failures.push(format!(
+            "success {:.2}% < {}%",
+            step.success, a.drive.min_success
+        ));
         step.failed_as.push("success");
     }
     let max_p95 = a.max_p95.as_secs_f64() * 1e3;
@@ -648,12 +611,12 @@ async fn run_step(
         tracing::warn!("no samples of the backend's Redis over the step; its backlog is unjudged");
     }
     step.pipeline = pipeline;
-    Ok(step)
+    Ok(Some(step))
 }
 
 /// The report: the reference tool's keys, computed from the steps by documented rules.
 fn report(a: &RampArgs, steps: &[Step]) -> Value {
-    let interval = a.load.interval.as_secs_f64();
+    let interval = a.drive.load.interval.as_secs_f64();
     let outcomes: Vec<rules::StepOutcome> = steps.iter().map(Step::outcome).collect();
     let limits = rules::limits(&outcomes, interval);
     let recs = recommendations(steps, &limits);
@@ -684,10 +647,10 @@ fn report(a: &RampArgs, steps: &[Step]) -> Value {
         },
         "system_recommendations": recs,
         "slo": {
-            "min_success_percent": a.min_success,
+            "min_success_percent": a.drive.min_success,
             "max_p95_ms": a.max_p95.as_secs_f64() * 1e3,
             "min_throughput_share": MIN_THROUGHPUT_SHARE,
-            "backlog_tolerance_percent": a.redis.redis.as_ref().map(|_| a.redis.backlog_tolerance),
+            "backlog_tolerance_percent": a.drive.redis.redis.as_ref().map(|_| a.drive.redis.backlog_tolerance),
             "generator_max_lag_ms": rules::lag_bound_s(interval) * 1e3,
             "generator_max_simulator_cpu_percent": rules::SIM_CPU_LIMIT,
         },
@@ -703,7 +666,7 @@ fn report(a: &RampArgs, steps: &[Step]) -> Value {
             "generator": "the generator is unhealthy only on its own evidence: ticks reached more than an interval late, schedule lag beyond generator_max_lag_ms, or its simulators above generator_max_simulator_cpu_percent of their host; other load on the host is host_shared, not a generator limit",
             "search": "after the first failing step, bisection between the largest passing fleet below it (or 0) and the failure until the gap is at most --search-resolution of the failing fleet",
         },
-        "messages_never_diagnosed": a.redis.redis.as_ref().map(|_| never_diagnosed),
+        "messages_never_diagnosed": a.drive.redis.redis.as_ref().map(|_| never_diagnosed),
         "idle_groups": idle,
         "interval_s": interval,
         "step_duration_s": a.step_duration.as_secs_f64(),
@@ -929,7 +892,7 @@ fn html(a: &RampArgs, steps: &[Step], report: &Value) -> String {
             x: &x,
             series: vec![("success", steps.iter().map(|s| Some(s.success)).collect())],
             search: &search,
-            slo: Some(("success SLO", a.min_success)),
+            slo: Some(("success SLO", a.drive.min_success)),
         },
     ];
     if steps.iter().any(|s| s.pipeline.is_some()) {

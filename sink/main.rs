@@ -48,7 +48,7 @@ struct Args {
     #[arg(long, default_value = "127.0.0.1:8000", value_name = "ADDR")]
     listen: SocketAddr,
     /// Redis URL; with it, every accepted message is XADDed to --stream.
-    #[arg(long, value_name = "URL", value_parser = parse_redis_url)]
+    #[arg(long, value_name = "URL", value_parser = vtox::redis_url::parse)]
     redis: Option<String>,
     /// Redis stream key.
     #[arg(long, default_value = "motor_raw_data", value_name = "KEY")]
@@ -74,12 +74,6 @@ struct Args {
     /// Log format on stderr (level from RUST_LOG, default info).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
-}
-
-fn parse_redis_url(s: &str) -> Result<String, String> {
-    redis::Client::open(s)
-        .map(|_| s.to_string())
-        .map_err(|e| e.to_string())
 }
 
 struct RedisSink {

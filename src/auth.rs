@@ -106,6 +106,15 @@ impl tonic::service::Interceptor for Check {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn equality_in_constant_time() {
+        assert!(ct_eq(b"", b""));
+        assert!(ct_eq(b"abc", b"abc"));
+        assert!(!ct_eq(b"a", b""));
+        assert!(!ct_eq(b"", b"a"));
+        assert!(!ct_eq(b"abc", b"abd"));
+    }
     use tonic::service::Interceptor;
 
     #[test]

@@ -1,6 +1,9 @@
 //! vtox: the pure core shared by every binary (fleet identity, telemetry model, schedules,
-//! metrics, ingest contract). Nothing here opens a socket, spawns a process or reads a clock
-//! on its own: callers pass time in, which keeps every piece testable in isolation.
+//! metrics, ingest contract, the ramp's judgements). Nothing here opens a socket, spawns a
+//! process or reads a clock on its own: callers pass time in, which keeps every piece testable
+//! in isolation. The two exceptions are named edge modules the binaries share so that none
+//! carries a copy: `process` (logs, signals, the metrics endpoint) and `hardware` (what the
+//! host offers).
 
 pub mod auth;
 pub mod backlog;
@@ -9,6 +12,7 @@ pub mod charts;
 pub mod duration;
 pub mod faults;
 pub mod fleet;
+pub mod hardware;
 pub mod http1;
 pub mod ingest;
 pub mod metrics;
@@ -16,6 +20,7 @@ pub mod plan;
 pub mod process;
 pub mod prometheus;
 pub mod ramp;
+pub mod redis_url;
 pub mod rng;
 pub mod schedule;
 pub mod score;

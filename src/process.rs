@@ -1,5 +1,5 @@
 //! Process plumbing every binary shares: the log setup (`--log-format`), the wait for a
-//! shutdown signal and how long a stopping simulator may take. Edge code, kept here only so
+//! shutdown signal, the Prometheus endpoint and how long a stopping simulator may take. Edge code, kept here only so
 //! that four binaries do not each carry a copy.
 
 use std::time::Duration;
@@ -30,6 +30,38 @@ pub fn cpu_share_percent(ticks: u64, ticks_per_s: f64, seconds: f64, cores: u32)
         return 0.0;
     }
     (ticks as f64 / ticks_per_s / seconds / f64::from(cores) * 100.0).clamp(0.0, 100.0)
+}
+
+/// Serves `render()` as Prometheus text at `http://addr/metrics`, in the background, for
+/// `--metrics-listen` on the coordinator and the agents.
+pub async fn serve_metrics<F, Fut>(addr: std::net::SocketAddr, render: F) -> std::io::Result<()>
+where
+    F: Fn() -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = String> + Send + 'static,
+{
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let text = render();
+            async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4",
+                    )],
+                    text.await,
+                )
+            }
+        }),
+    );
+    tracing::info!("metrics on http://{addr}/metrics");
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!("the metrics server stopped: {e}");
+        }
+    });
+    Ok(())
 }
 
 /// Log format on stderr.

@@ -331,7 +331,7 @@ fn char_position(text: &str, line: usize, column: usize) -> usize {
 
 /// Why the authenticated route refused a request; both are answered with 401.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum AuthError {
+pub enum Refusal {
     #[error("Not authenticated")]
     Missing,
     #[error("Invalid authentication credentials")]
@@ -340,33 +340,23 @@ pub enum AuthError {
 
 /// Checks an `Authorization` header value against the configured token. Without a configured
 /// token any non-empty bearer passes, matching a backend whose token check is stubbed.
-pub fn check_bearer(header: Option<&[u8]>, expected: Option<&str>) -> Result<(), AuthError> {
-    let header = header.ok_or(AuthError::Missing)?;
-    let header = std::str::from_utf8(header).map_err(|_| AuthError::Missing)?;
-    let (scheme, token) = header.trim().split_once(' ').ok_or(AuthError::Missing)?;
+pub fn check_bearer(header: Option<&[u8]>, expected: Option<&str>) -> Result<(), Refusal> {
+    let header = header.ok_or(Refusal::Missing)?;
+    let header = std::str::from_utf8(header).map_err(|_| Refusal::Missing)?;
+    let (scheme, token) = header.trim().split_once(' ').ok_or(Refusal::Missing)?;
     if !scheme.eq_ignore_ascii_case("bearer") {
-        return Err(AuthError::Missing);
+        return Err(Refusal::Missing);
     }
     let token = token.trim();
     if token.is_empty() {
-        return Err(AuthError::Missing);
+        return Err(Refusal::Missing);
     }
     match expected {
-        Some(want) if !constant_time_eq(token.as_bytes(), want.as_bytes()) => {
-            Err(AuthError::Invalid)
+        Some(want) if !crate::auth::ct_eq(token.as_bytes(), want.as_bytes()) => {
+            Err(Refusal::Invalid)
         }
         _ => Ok(()),
     }
-}
-
-/// Compares without an early exit so the time taken does not reveal how much of a guessed
-/// token was right (the length can still show, which reveals nothing useful).
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    let mut diff = u8::from(a.len() != b.len());
-    for (i, x) in a.iter().enumerate() {
-        diff |= x ^ b.get(i).copied().unwrap_or(0);
-    }
-    diff == 0
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -864,32 +854,29 @@ mod tests {
 
     #[test]
     fn bearer_checks() {
-        assert_eq!(check_bearer(None, None), Err(AuthError::Missing));
+        assert_eq!(check_bearer(None, None), Err(Refusal::Missing));
         assert_eq!(
             check_bearer(Some(b"Basic abc"), None),
-            Err(AuthError::Missing)
+            Err(Refusal::Missing)
         );
-        assert_eq!(
-            check_bearer(Some(b"Bearer "), None),
-            Err(AuthError::Missing)
-        );
+        assert_eq!(check_bearer(Some(b"Bearer "), None), Err(Refusal::Missing));
         assert_eq!(check_bearer(Some(b"Bearer anything"), None), Ok(()));
         assert_eq!(check_bearer(Some(b"bearer s3cret"), Some("s3cret")), Ok(()));
         assert_eq!(
             check_bearer(Some(b"Bearer s3cres"), Some("s3cret")),
-            Err(AuthError::Invalid)
+            Err(Refusal::Invalid)
         );
         assert_eq!(
             check_bearer(Some(b"Bearer s3cret2"), Some("s3cret")),
-            Err(AuthError::Invalid)
+            Err(Refusal::Invalid)
         );
         assert_eq!(
             check_bearer(Some(b"Bearer s3cre"), Some("s3cret")),
-            Err(AuthError::Invalid)
+            Err(Refusal::Invalid)
         );
-        assert!(constant_time_eq(b"", b""));
-        assert!(!constant_time_eq(b"a", b""));
-        assert!(!constant_time_eq(b"", b"a"));
+        assert!(crate::auth::ct_eq(b"", b""));
+        assert!(!crate::auth::ct_eq(b"a", b""));
+        assert!(!crate::auth::ct_eq(b"", b"a"));
     }
 
     #[test]

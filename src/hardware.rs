@@ -1,12 +1,14 @@
 //! What this host offers: cores and memory from sysinfo, the link speed from sysfs, and a
 //! calibration of how many messages one core generates, measured with the real payload code.
+//! Edge code (it reads the OS), kept in the library so that the agent and `vtox-coord plan`
+//! share one copy.
 
+use crate::faults::FaultMix;
+use crate::http1::RequestBuf;
+use crate::ingest::{simulator_path, BodyTemplate, MessageFields};
+use crate::telemetry::VehicleModel;
+use crate::wire::pb;
 use std::time::{Duration, Instant};
-use vtox::faults::FaultMix;
-use vtox::http1::RequestBuf;
-use vtox::ingest::{simulator_path, BodyTemplate, MessageFields};
-use vtox::telemetry::VehicleModel;
-use vtox::wire::pb;
 
 /// Per-message cost of the HTTP and TCP work on top of building the payload, in microseconds,
 /// as measured by `bench/sim.sh` on the reference machine (one core sending ~60,000 msg/s,
@@ -58,8 +60,8 @@ pub fn calibrate(budget: Duration) -> f64 {
     let mix: FaultMix = "insulation=5,bearing=5".parse().unwrap_or_default();
     let mut vehicles: Vec<(VehicleModel, BodyTemplate, String)> = (0..64u64)
         .map(|n| {
-            let id = vtox::fleet::vehicle_id(n);
-            let m = vtox::fleet::model_of(n);
+            let id = crate::fleet::vehicle_id(n);
+            let m = crate::fleet::model_of(n);
             let path = simulator_path(&id, m.city);
             (
                 VehicleModel::new(1, n, &mix),

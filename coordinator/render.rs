@@ -1,0 +1,386 @@
+//! How the CLI shows a coordinator's answers: tables and live views for people, one JSON
+//! object for scripts. Pure functions of the gRPC messages, so every command renders alike.
+
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::io::{IsTerminal, Write as _};
+use std::time::{Duration, Instant};
+use vtox::fleet::vehicle_id;
+use vtox::metrics::Latency;
+use vtox::wire::pb;
+
+pub(crate) fn gib(bytes: u64) -> String {
+    format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)
+}
+
+pub(crate) fn link(mbps: u32) -> String {
+    if mbps == 0 {
+        "-".into()
+    } else {
+        format!("{mbps} Mb/s")
+    }
+}
+
+pub(crate) fn plan_json(reply: &pb::PlanReply) -> Value {
+    json!({
+        "vehicles": reply.total_vehicles,
+        "total_max_vehicles": reply.total_max,
+        "total_recommended_vehicles": reply.total_recommended,
+        "agents": reply.agents.iter().map(|a| {
+            let hw = a.hardware.clone().unwrap_or_default();
+            json!({
+                "name": a.agent,
+                "cores": hw.logical_cores,
+                "memory_bytes": hw.memory_total_bytes,
+                "link_mbps": hw.link_mbps,
+                "max_vehicles": a.max_vehicles,
+                "recommended_vehicles": a.recommended_vehicles,
+                "limited_by": a.limited_by,
+                "vehicles": a.instances.iter().map(|i| i.vehicles).sum::<u64>(),
+                "instances": a.instances.iter().map(|i| json!({
+                    "index": i.index,
+                    "first_vehicle": i.first_vehicle,
+                    "vehicles": i.vehicles,
+                    "first_id": vehicle_id(i.first_vehicle),
+                    "last_id": vehicle_id(i.first_vehicle + i.vehicles.saturating_sub(1)),
+                })).collect::<Vec<_>>(),
+            })
+        }).collect::<Vec<_>>(),
+    })
+}
+
+pub(crate) fn plan_table(reply: &pb::PlanReply) -> String {
+    let mut out = String::new();
+    let instances: usize = reply.agents.iter().map(|a| a.instances.len()).sum();
+    for a in &reply.agents {
+        let hw = a.hardware.clone().unwrap_or_default();
+        let vehicles: u64 = a.instances.iter().map(|i| i.vehicles).sum();
+        let _ = writeln!(
+            out,
+            "{}: {} cores, {}, link {}; carries up to {} vehicles (recommended {}, limited by {}); planned {} vehicles in {} instances",
+            a.agent,
+            hw.logical_cores,
+            gib(hw.memory_total_bytes),
+            link(hw.link_mbps),
+            a.max_vehicles,
+            a.recommended_vehicles,
+            a.limited_by,
+            vehicles,
+            a.instances.len()
+        );
+        for i in &a.instances {
+            let last = i.first_vehicle + i.vehicles.saturating_sub(1);
+            let _ = writeln!(
+                out,
+                "  instance {:>4}  vehicles {:>7}..{:<7} ({:>3})  {} .. {}",
+                i.index,
+                i.first_vehicle,
+                last,
+                i.vehicles,
+                vehicle_id(i.first_vehicle),
+                vehicle_id(last)
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "total: {} vehicles in {} instances on {} agents; capacity {} vehicles (recommended {})",
+        reply.total_vehicles,
+        instances,
+        reply.agents.len(),
+        reply.total_max,
+        reply.total_recommended
+    );
+    out
+}
+
+pub(crate) fn percentiles(c: &pb::Counters) -> (f64, f64, f64, f64) {
+    let l = Latency::from_bytes(&c.latency_hdr).unwrap_or_default();
+    (
+        l.quantile_ms(0.5),
+        l.quantile_ms(0.95),
+        l.quantile_ms(0.99),
+        l.max_ms(),
+    )
+}
+
+/// The live table: redrawn in place on a terminal, printed every few seconds otherwise.
+pub(crate) struct LiveView {
+    previous: HashMap<String, (u64, Instant)>,
+    lines_drawn: usize,
+    tty: bool,
+    last_print: Option<Instant>,
+}
+
+impl LiveView {
+    pub(crate) fn new() -> Self {
+        LiveView {
+            previous: HashMap::new(),
+            lines_drawn: 0,
+            tty: std::io::stderr().is_terminal(),
+            last_print: None,
+        }
+    }
+
+    /// Draws the run's status; `extra` (the backend's backlog) goes below it.
+    pub(crate) fn show(&mut self, s: &pb::RunStatus, extra: &str) {
+        let now = Instant::now();
+        let mut text = String::new();
+        let _ = writeln!(
+            text,
+            "{:<16} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>5} {:>5} {:>8}",
+            "agent",
+            "instances",
+            "vehicles",
+            "msg/s",
+            "ok %",
+            "p50 ms",
+            "p95 ms",
+            "p99 ms",
+            "host%",
+            "sim%",
+            "rss MiB"
+        );
+        for agent in &s.agents {
+            let c = agent.totals.clone().unwrap_or_default();
+            let done = c.accepted + c.failed;
+            let rate = match self.previous.insert(agent.agent.clone(), (done, now)) {
+                Some((prev, t)) if now > t => {
+                    (done.saturating_sub(prev)) as f64 / now.duration_since(t).as_secs_f64()
+                }
+                _ => 0.0,
+            };
+            let (p50, p95, p99, _) = percentiles(&c);
+            let usage = agent.usage.unwrap_or_default();
+            let _ = writeln!(
+                text,
+                "{:<16} {:>4}/{:<4} {:>9} {:>9.0} {:>8.2} {:>8.1} {:>8.1} {:>8.1} {:>5.0} {:>5} {:>8.0}{}",
+                agent.agent,
+                agent.instances_running,
+                agent.instances_planned,
+                agent.vehicles,
+                rate,
+                c.success_percent(),
+                p50,
+                p95,
+                p99,
+                usage.cpu_percent,
+                usage
+                    .simulators_cpu_percent
+                    .map_or_else(|| "-".to_string(), |x| format!("{x:.0}")),
+                usage.rss_bytes as f64 / (1u64 << 20) as f64,
+                if agent.connected { "" } else { "  (disconnected)" }
+            );
+        }
+        let t = s.totals.clone().unwrap_or_default();
+        let _ = writeln!(
+            text,
+            "{} {:.0}s  sent {}  accepted {}  failed {}  dropped {}  unassigned vehicles {}",
+            s.state, s.elapsed_s, t.sent, t.accepted, t.failed, t.dropped, s.unassigned_vehicles
+        );
+        text.push_str(extra);
+        let mut err = std::io::stderr().lock();
+        if self.tty {
+            if self.lines_drawn > 0 {
+                let _ = write!(err, "\x1b[{}A\x1b[J", self.lines_drawn);
+            }
+            let _ = write!(err, "{text}");
+            self.lines_drawn = text.lines().count();
+        } else if self
+            .last_print
+            .is_none_or(|p| now.duration_since(p) >= Duration::from_secs(5))
+        {
+            let _ = write!(err, "{text}");
+            self.last_print = Some(now);
+        }
+    }
+}
+
+/// "1 agent", "3 agents".
+pub(crate) fn plural(n: u64, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
+pub(crate) fn summary(s: &pb::RunStatus) -> String {
+    let t = s.totals.clone().unwrap_or_default();
+    let (p50, p95, p99, max) = percentiles(&t);
+    let instances: u32 = s.agents.iter().map(|a| a.instances_planned).sum();
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "run {} {} after {:.1} s: {} vehicles on {} in {}",
+        s.run_id,
+        s.state,
+        s.elapsed_s,
+        s.vehicles,
+        plural(s.agents.len() as u64, "agent"),
+        plural(u64::from(instances), "instance"),
+    );
+    let _ = writeln!(
+        out,
+        "  sent {}  accepted {} ({:.2}%)  failed {}  dropped {}",
+        t.sent,
+        t.accepted,
+        t.success_percent(),
+        t.failed,
+        t.dropped
+    );
+    if t.failed > 0 {
+        let mut causes = Vec::new();
+        if t.timeouts > 0 {
+            causes.push(if t.late_accepted > 0 {
+                format!(
+                    "{} timed out ({} of them answered 200 later)",
+                    t.timeouts, t.late_accepted
+                )
+            } else {
+                format!("{} timed out", t.timeouts)
+            });
+        }
+        if t.connect_errors > 0 {
+            causes.push(format!("{} connection errors", t.connect_errors));
+        }
+        causes.extend(
+            t.status
+                .iter()
+                .map(|(code, n)| format!("{n} × HTTP {code}")),
+        );
+        let _ = writeln!(out, "  failures: {}", causes.join(", "));
+    }
+    let _ = writeln!(
+        out,
+        "  latency ms: p50 {p50:.1}  p95 {p95:.1}  p99 {p99:.1}  max {max:.1}"
+    );
+    for a in &s.agents {
+        let c = a.totals.clone().unwrap_or_default();
+        let restarts: u32 = a.instances.iter().map(|i| i.restarts).sum();
+        let _ = writeln!(
+            out,
+            "  {}: {} vehicles, {}/{} instances running, accepted {} of {} sent, {} restarts",
+            a.agent,
+            a.vehicles,
+            a.instances_running,
+            a.instances_planned,
+            c.accepted,
+            c.sent,
+            restarts
+        );
+    }
+    out
+}
+
+pub(crate) fn counters_json(c: &pb::Counters) -> Value {
+    let (p50, p95, p99, max) = percentiles(c);
+    json!({
+        "sent": c.sent,
+        "accepted": c.accepted,
+        "failed": c.failed,
+        "dropped": c.dropped,
+        "bytes": c.bytes,
+        "timeouts": c.timeouts,
+        "late_accepted": c.late_accepted,
+        "timeouts_unsent": c.timeouts_unsent,
+        "connect_errors": c.connect_errors,
+        "status": c.status.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
+        "bad_lines": c.bad_lines,
+        "success_percent": c.success_percent(),
+        "p50_ms": p50, "p95_ms": p95, "p99_ms": p99, "max_ms": max,
+    })
+}
+
+pub(crate) fn phase_name(p: i32) -> &'static str {
+    match pb::Phase::try_from(p).unwrap_or(pb::Phase::Unspecified) {
+        pb::Phase::Unspecified => "unknown",
+        pb::Phase::Starting => "starting",
+        pb::Phase::Running => "running",
+        pb::Phase::Backoff => "backoff",
+        pb::Phase::Failed => "failed",
+        pb::Phase::Exited => "exited",
+        pb::Phase::Stopping => "stopping",
+    }
+}
+
+pub(crate) fn status_json(s: &pb::RunStatus) -> Value {
+    json!({
+        "run_id": s.run_id,
+        "state": s.state,
+        "vehicles": s.vehicles,
+        "elapsed_s": s.elapsed_s,
+        "target": s.spec.as_ref().map(|x| x.target.clone()),
+        "unassigned_vehicles": s.unassigned_vehicles,
+        "totals": counters_json(&s.totals.clone().unwrap_or_default()),
+        "agents": s.agents.iter().map(|a| json!({
+            "name": a.agent,
+            "connected": a.connected,
+            "vehicles": a.vehicles,
+            "instances_running": a.instances_running,
+            "instances_planned": a.instances_planned,
+            "cpu_percent": a.usage.map(|u| u.cpu_percent),
+            "simulators_cpu_percent": a.usage.and_then(|u| u.simulators_cpu_percent),
+            "rss_bytes": a.usage.map(|u| u.rss_bytes),
+            "totals": counters_json(&a.totals.clone().unwrap_or_default()),
+            "instances": a.instances.iter().map(|i| json!({
+                "index": i.index,
+                "first_vehicle": i.first_vehicle,
+                "vehicles": i.vehicles,
+                "phase": phase_name(i.phase),
+                "restarts": i.restarts,
+                "incarnation": i.incarnation,
+                "last_error": i.last_error,
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_summary_names_failures_by_cause_and_only_when_there_are_some() {
+        let mut s = pb::RunStatus {
+            run_id: "run-1".into(),
+            state: "finished".into(),
+            vehicles: 50,
+            agents: vec![pb::AgentStatus {
+                instances_planned: 1,
+                ..Default::default()
+            }],
+            totals: Some(pb::Counters {
+                sent: 10,
+                accepted: 10,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let text = summary(&s);
+        assert!(
+            text.contains("50 vehicles on 1 agent in 1 instance\n"),
+            "{text}"
+        );
+        assert!(!text.contains("failures"), "{text}");
+
+        s.totals = Some(pb::Counters {
+            sent: 10,
+            accepted: 4,
+            failed: 6,
+            timeouts: 3,
+            late_accepted: 2,
+            connect_errors: 1,
+            status: [(503, 2)].into_iter().collect(),
+            ..Default::default()
+        });
+        let text = summary(&s);
+        assert!(
+            text.contains(
+                "failures: 3 timed out (2 of them answered 200 later), 1 connection errors, 2 × HTTP 503"
+            ),
+            "{text}"
+        );
+    }
+}
