@@ -165,13 +165,6 @@ pub struct Supervisor {
     events_tx: mpsc::UnboundedSender<Event>,
 }
 
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 fn signal(pid: u32, sig: i32) {
     // SAFETY: kill(2) has no memory-safety preconditions; a stale pid at worst signals nothing.
     unsafe {
@@ -458,7 +451,7 @@ impl Supervisor {
             }
             args.extend(["--duration".into(), format!("{remaining:.3}s")]);
         }
-        let incarnation = unix_ms().max(inst.incarnation + 1);
+        let incarnation = vtox::ingest::unix_ms(SystemTime::now()).max(inst.incarnation + 1);
         let key = TallyKey {
             run_id: self.run_id.clone(),
             index: idx,

@@ -328,6 +328,13 @@ pub fn unix_secs(t: SystemTime) -> f64 {
         .as_secs_f64()
 }
 
+/// Unix milliseconds of `t` (0 before 1970): epochs, incarnations and run ids count in these.
+pub fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,6 +6,7 @@ pub mod pb {
 }
 
 use crate::metrics::SimReport;
+use crate::plan::InstanceRange;
 use base64::Engine as _;
 
 /// The wire protocol's major version; a coordinator refuses agents that speak another.
@@ -76,10 +77,45 @@ impl pb::Counters {
     }
 }
 
+impl From<&InstanceRange> for pb::InstanceSpec {
+    fn from(i: &InstanceRange) -> Self {
+        pb::InstanceSpec {
+            index: i.index,
+            first_vehicle: i.first_vehicle,
+            vehicles: i.vehicles,
+        }
+    }
+}
+
+impl From<&pb::InstanceSpec> for InstanceRange {
+    fn from(i: &pb::InstanceSpec) -> Self {
+        InstanceRange {
+            index: i.index,
+            first_vehicle: i.first_vehicle,
+            vehicles: i.vehicles,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::metrics::{Failures, Latency};
+
+    #[test]
+    fn instance_ranges_convert_both_ways() {
+        let r = InstanceRange {
+            index: 3,
+            first_vehicle: 150,
+            vehicles: 50,
+        };
+        let spec = pb::InstanceSpec::from(&r);
+        assert_eq!(
+            (spec.index, spec.first_vehicle, spec.vehicles),
+            (3, 150, 50)
+        );
+        assert_eq!(InstanceRange::from(&spec), r);
+    }
 
     #[test]
     fn counters_from_a_metric_line_add_up() {
