@@ -49,6 +49,7 @@ pub struct Counters {
     /// Timed-out connections still watched for a late answer.
     pub late_pending: AtomicU64,
     pub connect: AtomicU64,
+    pub protocol: AtomicU64,
     pub active: AtomicU64,
     pub max_lag_us: AtomicU64,
     status: Mutex<BTreeMap<u16, u64>>,
@@ -72,6 +73,7 @@ impl Counters {
             timeout: self.timeout.load(Relaxed),
             timeout_unsent: self.timeout_unsent.load(Relaxed),
             connect: self.connect.load(Relaxed),
+            protocol: self.protocol.load(Relaxed),
         };
         SimReport {
             is_final,
@@ -209,6 +211,7 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>) -> Result<()> {
         cfg.port,
         args.timeout,
         args.late_window,
+        args.idle_timeout,
         args.max_in_flight,
         counters.clone(),
     );

@@ -70,6 +70,11 @@ pub struct Args {
     /// so the messages the target really took are known exactly. 0 closes it at once.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub late_window: Duration,
+    /// Close a kept-alive connection idle this long instead of reusing it. Keep it below the
+    /// target's own idle limit (uvicorn: 5 s), so that a request never races the server's
+    /// close; a connection the server closed earlier is noticed before reuse anyway.
+    #[arg(long, default_value = "4s", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
     /// Most requests outstanding at once; a tick beyond it is dropped, never queued.
     #[arg(long, default_value_t = 1024)]
     pub max_in_flight: usize,
