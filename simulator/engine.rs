@@ -17,7 +17,7 @@ use vtox::metrics::{Failures, Latency, SimReport};
 use vtox::schedule::TimerWheel;
 use vtox::telemetry::{Sample, VehicleModel};
 
-use crate::lanes::{Job, Lanes};
+use crate::lanes::{Job, LaneConfig, Lanes};
 use crate::tally::{self, Tally};
 use vtox::http1::RequestBuf;
 
@@ -50,6 +50,7 @@ pub struct Counters {
     pub late_pending: AtomicU64,
     pub connect: AtomicU64,
     pub protocol: AtomicU64,
+    pub tls: AtomicU64,
     pub active: AtomicU64,
     pub max_lag_us: AtomicU64,
     status: Mutex<BTreeMap<u16, u64>>,
@@ -74,6 +75,7 @@ impl Counters {
             timeout_unsent: self.timeout_unsent.load(Relaxed),
             connect: self.connect.load(Relaxed),
             protocol: self.protocol.load(Relaxed),
+            tls: self.tls.load(Relaxed),
         };
         SimReport {
             is_final,
@@ -207,12 +209,15 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>) -> Result<()> {
         ..Default::default()
     });
     let mut lanes = Lanes::new(
-        cfg.host.clone(),
-        cfg.port,
-        args.timeout,
-        args.late_window,
-        args.idle_timeout,
-        args.max_in_flight,
+        LaneConfig {
+            host: cfg.host.clone(),
+            port: cfg.port,
+            timeout: args.timeout,
+            late_window: args.late_window,
+            idle_limit: args.idle_timeout,
+            tls: cfg.tls.clone(),
+            max: args.max_in_flight,
+        },
         counters.clone(),
     );
     counters.active.store(args.vehicles, Relaxed);

@@ -12,12 +12,15 @@
 use crate::engine::Counters;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::Ordering::Relaxed;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Semaphore};
+use tokio_rustls::rustls::pki_types::ServerName;
 use vtox::http1::{find_head_end, head_too_large, parse_head, BodyReader, HttpError, ResponseHead};
 
 /// A request ready to go: `bytes[start..]` is the whole HTTP request.
@@ -40,6 +43,9 @@ struct Shared {
     /// idle connections on its own clock (uvicorn after 5 s), and one closing just as a request
     /// goes out would leave that request's fate unknown.
     idle_limit: Duration,
+    tls: Option<TlsTarget>,
+    /// Whether the reason for failing handshakes was logged already.
+    tls_logged: AtomicBool,
     /// Bounds the connections watched for late answers; beyond it a timed-out connection is
     /// closed as before and its outcome stays unknown.
     late_slots: Arc<Semaphore>,
@@ -51,24 +57,31 @@ pub struct Lanes {
     max: usize,
 }
 
+/// Where and how lanes connect.
+pub struct LaneConfig {
+    pub host: String,
+    pub port: u16,
+    pub timeout: Duration,
+    pub late_window: Duration,
+    pub idle_limit: Duration,
+    pub tls: Option<TlsTarget>,
+    /// Most lanes (connections) at once.
+    pub max: usize,
+}
+
 impl Lanes {
-    pub fn new(
-        host: String,
-        port: u16,
-        timeout: Duration,
-        late_window: Duration,
-        idle_limit: Duration,
-        max: usize,
-        counters: Arc<Counters>,
-    ) -> Self {
+    pub fn new(cfg: LaneConfig, counters: Arc<Counters>) -> Self {
+        let max = cfg.max;
         let shared = Arc::new(Shared {
-            host,
-            port,
-            timeout,
+            host: cfg.host,
+            port: cfg.port,
+            timeout: cfg.timeout,
             counters,
             idle: Mutex::new(Vec::new()),
-            late_window,
-            idle_limit,
+            late_window: cfg.late_window,
+            idle_limit: cfg.idle_limit,
+            tls: cfg.tls,
+            tls_logged: AtomicBool::new(false),
             late_slots: Arc::new(Semaphore::new(max)),
         });
         Lanes {
@@ -124,12 +137,15 @@ enum Failure {
     /// The answer broke HTTP (an oversized or malformed head, bad chunking): the server is
     /// wrong, not the network, so it is counted apart.
     Protocol,
+    Tls,
 }
 
 /// Why an exchange failed.
 enum ExchangeError {
     Io(io::Error),
     Protocol(HttpError),
+    /// The TLS handshake failed (an untrusted certificate, a name that does not match).
+    Tls(io::Error),
 }
 
 impl From<io::Error> for ExchangeError {
@@ -144,9 +160,74 @@ impl From<HttpError> for ExchangeError {
     }
 }
 
+/// A connection to the target, plain or over TLS.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl Stream {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Plain(s) => s,
+            Stream::Tls(s) => s.get_ref().0,
+        }
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// TLS towards an `https://` target: the shared configuration and the URL's host as the
+/// server name (SNI).
+#[derive(Clone)]
+pub struct TlsTarget {
+    pub connector: tokio_rustls::TlsConnector,
+    pub name: ServerName<'static>,
+    /// The target as given, for the one line that says why its handshakes fail.
+    pub base: String,
+}
+
 /// A kept-alive connection and when it last finished an exchange.
 struct Conn {
-    stream: TcpStream,
+    stream: Stream,
     idle_since: Instant,
 }
 
@@ -174,14 +255,15 @@ impl Conn {
         // buffer is valid for one byte; MSG_PEEK|MSG_DONTWAIT neither consumes nor blocks.
         let n = unsafe {
             libc::recv(
-                self.stream.as_raw_fd(),
+                self.stream.tcp().as_raw_fd(),
                 byte.as_mut_ptr().cast(),
                 1,
                 libc::MSG_PEEK | libc::MSG_DONTWAIT,
             )
         };
         // Nothing to read is the only healthy state of an idle connection: 0 is the server's
-        // close, and bytes nobody asked for mean it is out of step.
+        // close, and bytes nobody asked for mean it is out of step (or, over TLS, its
+        // close_notify).
         n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock
     }
 }
@@ -202,6 +284,15 @@ async fn run_lane(id: usize, mut rx: mpsc::Receiver<Job>, shared: Arc<Shared>) {
             Ok(Err(ExchangeError::Io(e))) => {
                 tracing::debug!("connection error: {e}");
                 Err(Failure::Connect)
+            }
+            Ok(Err(ExchangeError::Tls(e))) => {
+                // Every handshake fails alike (the certificate does not change), so the
+                // reason is worth one line, not one per message.
+                if !shared.tls_logged.swap(true, Relaxed) {
+                    let target = shared.tls.as_ref().map_or("", |t| t.base.as_str());
+                    tracing::error!("TLS handshake with {target} failed: {e} (counted as `tls` failures; --target-ca adds a CA)");
+                }
+                Err(Failure::Tls)
             }
             Ok(Err(ExchangeError::Protocol(e))) => {
                 tracing::debug!("protocol error from the target: {e}");
@@ -246,6 +337,10 @@ async fn run_lane(id: usize, mut rx: mpsc::Receiver<Job>, shared: Arc<Shared>) {
                         c.tally(crate::tally::TALLY_PROTOCOL, 1);
                         c.protocol.fetch_add(1, Relaxed)
                     }
+                    Failure::Tls => {
+                        c.tally(crate::tally::TALLY_TLS, 1);
+                        c.tls.fetch_add(1, Relaxed)
+                    }
                 };
                 c.tally(crate::tally::TALLY_FAILED, 1);
             }
@@ -261,7 +356,7 @@ async fn run_lane(id: usize, mut rx: mpsc::Receiver<Job>, shared: Arc<Shared>) {
 /// Watches a timed-out request's connection for the answer the backend may still give, up to
 /// the late window, and counts a late 200. Only a request written whole is watched: a partial
 /// one can never be accepted.
-fn watch_late(mut stream: TcpStream, mut reader: Reader, job: &Job, shared: &Arc<Shared>) {
+fn watch_late(mut stream: Stream, mut reader: Reader, job: &Job, shared: &Arc<Shared>) {
     if shared.late_window.is_zero() {
         return;
     }
@@ -303,14 +398,10 @@ async fn exchange(
     }
     let c = match conn {
         Some(c) => c,
-        None => {
-            let s = TcpStream::connect((shared.host.as_str(), shared.port)).await?;
-            s.set_nodelay(true)?;
-            conn.insert(Conn {
-                stream: s,
-                idle_since: Instant::now(),
-            })
-        }
+        None => conn.insert(Conn {
+            stream: connect(shared).await?,
+            idle_since: Instant::now(),
+        }),
     };
     reader.reset();
     *written = false;
@@ -346,6 +437,21 @@ async fn exchange(
             *conn = None;
             Err(e)
         }
+    }
+}
+
+async fn connect(shared: &Shared) -> Result<Stream, ExchangeError> {
+    let s = TcpStream::connect((shared.host.as_str(), shared.port)).await?;
+    s.set_nodelay(true)?;
+    match &shared.tls {
+        None => Ok(Stream::Plain(s)),
+        Some(tls) => match tls.connector.connect(tls.name.clone(), s).await {
+            Ok(t) => Ok(Stream::Tls(Box::new(t))),
+            // rustls reports a refused certificate or handshake as InvalidData; anything else
+            // is the network's.
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => Err(ExchangeError::Tls(e)),
+            Err(e) => Err(ExchangeError::Io(e)),
+        },
     }
 }
 

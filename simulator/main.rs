@@ -75,6 +75,15 @@ pub struct Args {
     /// close; a connection the server closed earlier is noticed before reuse anyway.
     #[arg(long, default_value = "4s", value_parser = parse_duration)]
     pub idle_timeout: Duration,
+    /// Also trust the CA certificates of this PEM file for an `https://` target (besides the
+    /// system's roots), e.g. a backend's private CA.
+    #[arg(long, value_name = "FILE")]
+    pub target_ca: Option<std::path::PathBuf>,
+    /// Accept any certificate from an `https://` target. Only for a test backend with a
+    /// throwaway certificate: the traffic is encrypted but the server is not authenticated.
+    /// Logged as a warning at start.
+    #[arg(long)]
+    pub target_insecure: bool,
     /// Most requests outstanding at once; a tick beyond it is dropped, never queued.
     #[arg(long, default_value_t = 1024)]
     pub max_in_flight: usize,
@@ -118,6 +127,8 @@ pub struct Config {
     pub template: IdTemplate,
     pub schedule: Schedule,
     pub run_start: SystemTime,
+    /// For an `https://` target.
+    pub tls: Option<lanes::TlsTarget>,
 }
 
 fn validate(args: Args) -> Result<Config> {
@@ -135,6 +146,7 @@ fn validate(args: Args) -> Result<Config> {
     }
     let target = vtox::ingest::Target::parse(&args.target).context("--target")?;
     let faults: FaultMix = args.faults.parse().context("--faults")?;
+    let tls = target_tls(&args, &target)?;
     let template = IdTemplate::parse(&args.id_template).context("--id-template")?;
     let schedule = Schedule::new(args.interval.as_secs_f64(), args.jitter, args.seed)
         .context("--interval/--jitter")?;
@@ -174,8 +186,45 @@ fn validate(args: Args) -> Result<Config> {
         template,
         schedule,
         run_start,
+        tls,
         args,
     })
+}
+
+fn target_tls(args: &Args, target: &vtox::ingest::Target) -> Result<Option<lanes::TlsTarget>> {
+    use vtox::target_tls::{client_config, server_name, TrustOptions};
+    if !target.tls {
+        if args.target_ca.is_some() || args.target_insecure {
+            bail!("--target-ca and --target-insecure need an https:// --target");
+        }
+        return Ok(None);
+    }
+    if args.target_insecure && args.target_ca.is_some() {
+        bail!("--target-insecure trusts everything: --target-ca would be ignored");
+    }
+    let (config, trust) = client_config(&TrustOptions {
+        ca_file: args.target_ca.as_deref(),
+        insecure: args.target_insecure,
+        system_roots: true,
+    })
+    .context("--target-ca")?;
+    if args.target_insecure {
+        tracing::warn!(
+            target = %target.base,
+            "--target-insecure: the target's TLS certificate is NOT verified; use only against a test backend"
+        );
+    } else {
+        tracing::info!(
+            system_roots = trust.system,
+            added = trust.added,
+            "TLS towards the target"
+        );
+    }
+    Ok(Some(lanes::TlsTarget {
+        connector: tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)),
+        name: server_name(&target.host).context("--target")?,
+        base: target.base.clone(),
+    }))
 }
 
 fn hostname() -> String {

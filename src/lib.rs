@@ -20,5 +20,6 @@ pub mod schedule;
 pub mod score;
 pub mod signal;
 pub mod sink;
+pub mod target_tls;
 pub mod telemetry;
 pub mod wire;
