@@ -9,6 +9,7 @@
 //! connection goes to a watcher that keeps reading for `--late-window` and counts a 200 that
 //! arrives late, so every message the backend accepted is known to the load generator too.
 
+use crate::auth::Login;
 use crate::engine::Counters;
 use std::io;
 use std::os::fd::AsRawFd;
@@ -30,6 +31,9 @@ pub struct Job {
     /// When the tick fired: latency and the timeout count from here, so time spent waiting
     /// for a lane is never hidden from the numbers.
     pub created: Instant,
+    /// Generation of the login token the request carries, so that a 401 renews only the
+    /// token in use (see `auth::Login::unauthorized`).
+    pub auth_gen: u64,
 }
 
 struct Shared {
@@ -44,6 +48,7 @@ struct Shared {
     /// goes out would leave that request's fate unknown.
     idle_limit: Duration,
     tls: Option<TlsTarget>,
+    login: Option<Arc<Login>>,
     /// Whether the reason for failing handshakes was logged already.
     tls_logged: AtomicBool,
     /// Bounds the connections watched for late answers; beyond it a timed-out connection is
@@ -65,6 +70,8 @@ pub struct LaneConfig {
     pub late_window: Duration,
     pub idle_limit: Duration,
     pub tls: Option<TlsTarget>,
+    /// The login session to renew on a 401, with `--login`.
+    pub login: Option<Arc<Login>>,
     /// Most lanes (connections) at once.
     pub max: usize,
 }
@@ -81,6 +88,7 @@ impl Lanes {
             late_window: cfg.late_window,
             idle_limit: cfg.idle_limit,
             tls: cfg.tls,
+            login: cfg.login,
             tls_logged: AtomicBool::new(false),
             late_slots: Arc::new(Semaphore::new(max)),
         });
@@ -141,11 +149,21 @@ enum Failure {
 }
 
 /// Why an exchange failed.
-enum ExchangeError {
+pub enum ExchangeError {
     Io(io::Error),
     Protocol(HttpError),
     /// The TLS handshake failed (an untrusted certificate, a name that does not match).
     Tls(io::Error),
+}
+
+impl std::fmt::Display for ExchangeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExchangeError::Io(e) => write!(f, "{e}"),
+            ExchangeError::Protocol(e) => write!(f, "{e}"),
+            ExchangeError::Tls(e) => write!(f, "TLS handshake failed: {e}"),
+        }
+    }
 }
 
 impl From<io::Error> for ExchangeError {
@@ -161,7 +179,7 @@ impl From<HttpError> for ExchangeError {
 }
 
 /// A connection to the target, plain or over TLS.
-enum Stream {
+pub enum Stream {
     Plain(TcpStream),
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
@@ -308,6 +326,11 @@ async fn run_lane(id: usize, mut rx: mpsc::Receiver<Job>, shared: Arc<Shared>) {
                     c.accepted.fetch_add(1, Relaxed);
                     c.tally(crate::tally::TALLY_ACCEPTED, 1);
                 } else {
+                    if status == 401 {
+                        if let Some(login) = &shared.login {
+                            login.unauthorized(job.auth_gen);
+                        }
+                    }
                     c.record_status(status);
                     c.tally(crate::tally::TALLY_FAILED, 1);
                 }
@@ -441,9 +464,14 @@ async fn exchange(
 }
 
 async fn connect(shared: &Shared) -> Result<Stream, ExchangeError> {
-    let s = TcpStream::connect((shared.host.as_str(), shared.port)).await?;
+    open(&shared.host, shared.port, shared.tls.as_ref()).await
+}
+
+/// Opens a connection, over TLS when `tls` is given.
+pub async fn open(host: &str, port: u16, tls: Option<&TlsTarget>) -> Result<Stream, ExchangeError> {
+    let s = TcpStream::connect((host, port)).await?;
     s.set_nodelay(true)?;
-    match &shared.tls {
+    match tls {
         None => Ok(Stream::Plain(s)),
         Some(tls) => match tls.connector.connect(tls.name.clone(), s).await {
             Ok(t) => Ok(Stream::Tls(Box::new(t))),

@@ -48,22 +48,49 @@ impl RequestBuf {
 
     /// Writes `POST path HTTP/1.1` with Host, Content-Type and Content-Length in front of the
     /// body and returns the whole request: `(bytes, start)`, send `bytes[start..]`.
-    pub fn finish(mut self, path: &str, host: &str) -> (Vec<u8>, usize) {
+    pub fn finish(self, path: &str, host: &str) -> (Vec<u8>, usize) {
+        self.finish_with_bearer(path, host, None)
+    }
+
+    /// As `finish`, with `Authorization: Bearer {token}` when a token is given. Size the
+    /// buffer for it with `RequestBuf::new(.., host_len + token.len() + 24)`.
+    pub fn finish_with_bearer(
+        mut self,
+        path: &str,
+        host: &str,
+        bearer: Option<&str>,
+    ) -> (Vec<u8>, usize) {
         let body_len = self.body_len();
         let len_text = body_len.to_string();
-        let parts: [&[u8]; 7] = [
+        let (auth_name, auth_value, auth_end): (&[u8], &[u8], &[u8]) = match bearer {
+            Some(t) => (b"Authorization: Bearer ", t.as_bytes(), b"\r\n"),
+            None => (b"", b"", b""),
+        };
+        let parts: [&[u8]; 10] = [
             b"POST ",
             path.as_bytes(),
             b" HTTP/1.1\r\nHost: ",
             host.as_bytes(),
-            b"\r\nContent-Type: application/json\r\nContent-Length: ",
+            b"\r\nContent-Type: application/json\r\n",
+            auth_name,
+            auth_value,
+            auth_end,
+            b"Content-Length: ",
             len_text.as_bytes(),
-            b"\r\n\r\n",
         ];
-        let head_len: usize = parts.iter().map(|p| p.len()).sum();
+        let parts_len: usize = parts.iter().map(|p| p.len()).sum();
+        let head_len = parts_len + 4;
+        if head_len > self.room {
+            // Sized too small by the caller: build the request anew rather than fail.
+            let mut out = Vec::with_capacity(head_len + body_len);
+            parts.iter().for_each(|p| out.extend_from_slice(p));
+            out.extend_from_slice(b"\r\n\r\n");
+            out.extend_from_slice(&self.buf[self.room..]);
+            return (out, 0);
+        }
         let start = self.room - head_len;
         let mut at = start;
-        for p in parts {
+        for p in parts.iter().chain([&b"\r\n\r\n"[..]].iter()) {
             self.buf[at..at + p.len()].copy_from_slice(p);
             at += p.len();
         }
@@ -345,6 +372,18 @@ mod tests {
         let (bytes, start) = r.finish(&long, "h:80");
         assert!(bytes[start..].starts_with(b"POST //"));
         assert!(bytes.ends_with(b"\r\n\r\n{}"));
+        // A bearer token goes in the head; a buffer sized too small still gives the request.
+        for room in [200, 0] {
+            let mut r = RequestBuf::new(4, 2, room);
+            r.body().extend_from_slice(b"{}");
+            let (bytes, start) = r.finish_with_bearer("/v", "h:1", Some(&"t".repeat(600)));
+            let text = std::str::from_utf8(&bytes[start..]).unwrap();
+            assert!(text.starts_with("POST /v HTTP/1.1\r\nHost: h:1\r\nContent-Type: application/json\r\nAuthorization: Bearer ttt"));
+            assert!(
+                text.ends_with("ttt\r\nContent-Length: 2\r\n\r\n{}"),
+                "{room}"
+            );
+        }
     }
 
     #[test]

@@ -91,6 +91,14 @@ pub fn simulator_path(vehicle_id: &str, city: &str) -> String {
     )
 }
 
+/// Path of a vehicle's ingest request on the authenticated route (Bearer token).
+pub fn vehicle_path(vehicle_id: &str) -> String {
+    format!(
+        "{VEHICLE_ROUTE}/{}/data",
+        utf8_percent_encode(vehicle_id, COMPONENT)
+    )
+}
+
 /// The parts of one vehicle's messages that never change (its ID, model, agent and instance),
 /// JSON-escaped once when the vehicle is set up.
 ///
@@ -365,6 +373,14 @@ mod tests {
             Target::parse("http://x/?a=1"),
             Err(TargetError::Query(_))
         ));
+    }
+
+    #[test]
+    fn authenticated_path() {
+        assert_eq!(
+            vehicle_path("粤B·SEAL·202400000"),
+            "/api/v1/diagnosis-stream/vehicles/%E7%B2%A4B%C2%B7SEAL%C2%B7202400000/data"
+        );
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod faults;
 pub mod fleet;
 pub mod http1;
 pub mod ingest;
+pub mod login;
 pub mod metrics;
 pub mod plan;
 pub mod process;

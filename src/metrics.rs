@@ -247,6 +247,9 @@ pub struct SimReport {
     pub dropped: u64,
     /// Request body bytes sent.
     pub bytes: u64,
+    /// Logins done with `--login`: the first one and each renewal after a 401.
+    #[serde(default)]
+    pub logins: u64,
     /// Vehicles currently scheduled.
     #[serde(default)]
     pub active_vehicles: u64,
