@@ -6,6 +6,7 @@ pub mod auth;
 pub mod backlog;
 pub mod capacity;
 pub mod charts;
+pub mod dropouts;
 pub mod duration;
 pub mod faults;
 pub mod fleet;
