@@ -3,7 +3,8 @@
 //! cumulative counters. One scheduler (not a task per vehicle) keeps 100,000 vehicles to a few
 //! tens of megabytes and makes the open-model rule easy to enforce in one place.
 
-use crate::Config;
+use crate::auth::{Login, Tokens};
+use crate::{AuthSource, Config};
 use anyhow::Result;
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -12,12 +13,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::watch;
 use vtox::fleet::model_of;
-use vtox::ingest::{iso_utc, simulator_path, unix_secs, BodyTemplate, MessageFields};
+use vtox::ingest::{iso_utc, simulator_path, unix_secs, vehicle_path, BodyTemplate, MessageFields};
 use vtox::metrics::{Failures, Latency, SimReport};
 use vtox::schedule::TimerWheel;
 use vtox::telemetry::{Sample, VehicleModel};
 
-use crate::lanes::{Job, Lanes};
+use crate::lanes::{Job, LaneConfig, Lanes};
 use crate::tally::{self, Tally};
 use vtox::http1::RequestBuf;
 
@@ -54,7 +55,11 @@ pub struct Counters {
     /// Timed-out connections still watched for a late answer.
     pub late_pending: AtomicU64,
     pub connect: AtomicU64,
+    pub protocol: AtomicU64,
+    pub tls: AtomicU64,
     pub active: AtomicU64,
+    /// Logins done with `--login` (the first and each renewal).
+    pub logins: Arc<AtomicU64>,
     pub max_lag_us: AtomicU64,
     status: Mutex<BTreeMap<u16, u64>>,
     latency: Mutex<Latency>,
@@ -77,6 +82,8 @@ impl Counters {
             timeout: self.timeout.load(Relaxed),
             timeout_unsent: self.timeout_unsent.load(Relaxed),
             connect: self.connect.load(Relaxed),
+            protocol: self.protocol.load(Relaxed),
+            tls: self.tls.load(Relaxed),
         };
         SimReport {
             is_final,
@@ -94,6 +101,7 @@ impl Counters {
             dropped: self.dropped.load(Relaxed),
             dropped_busy: self.dropped_busy.load(Relaxed),
             connections: self.lanes.load(Relaxed) + self.late_pending.load(Relaxed),
+            logins: self.logins.load(Relaxed),
             bytes: self.bytes.load(Relaxed),
             active_vehicles: self.active.load(Relaxed),
             in_flight: self.in_flight.load(Relaxed),
@@ -144,7 +152,8 @@ fn finish_early(cfg: &Config) -> Result<()> {
     Ok(())
 }
 
-pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>) -> Result<()> {
+pub async fn run(mut cfg: Config, mut stop: watch::Receiver<bool>) -> Result<()> {
+    let auth = cfg.auth.take();
     let cfg = Arc::new(cfg);
     let args = &cfg.args;
 
@@ -179,11 +188,11 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>) -> Result<()> {
     for i in 0..args.vehicles {
         let n = first + i;
         let id = cfg.template.render(n);
-        let path = format!(
-            "{}{}",
-            cfg.path_prefix,
-            simulator_path(&id, model_of(n).city)
-        );
+        let route = match auth {
+            Some(_) => vehicle_path(&id),
+            None => simulator_path(&id, model_of(n).city),
+        };
+        let path = format!("{}{}", cfg.path_prefix, route);
         let k = schedule.first_tick_from(n, now_s);
         wheel.insert((schedule.tick_time(n, k) * 1e9) as i64, i as u32);
         vehicles.push(Vehicle {
@@ -211,12 +220,31 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>) -> Result<()> {
         }),
         ..Default::default()
     });
+    let tokens = match auth {
+        None => None,
+        Some(AuthSource::Tokens(t)) => Some(t),
+        Some(AuthSource::Login(spec)) => {
+            let login = tokio::select! {
+                _ = stop.changed() => return finish_early(&cfg),
+                l = Login::start(*spec, counters.logins.clone()) => l?,
+            };
+            Some(Tokens::Login(login))
+        }
+    };
     let mut lanes = Lanes::new(
-        cfg.host.clone(),
-        cfg.port,
-        args.timeout,
-        args.late_window,
-        args.max_in_flight,
+        LaneConfig {
+            host: cfg.host.clone(),
+            port: cfg.port,
+            timeout: args.timeout,
+            late_window: args.late_window,
+            idle_limit: args.idle_timeout,
+            tls: cfg.tls.clone(),
+            login: match &tokens {
+                Some(Tokens::Login(l)) => Some(l.clone()),
+                _ => None,
+            },
+            max: args.max_in_flight,
+        },
         counters.clone(),
     );
     counters.active.store(args.vehicles, Relaxed);
@@ -300,15 +328,19 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>) -> Result<()> {
                 sent_at: &sent_at,
                 sampling_rate: args.sampling_rate,
             };
-            let mut req = RequestBuf::new(body_cap, v.path.len(), cfg.authority.len());
+            let token = tokens.as_ref().map(|t| t.token(idx as usize));
+            let token_len = token.as_ref().map_or(0, |(_, t)| t.len() + 24);
+            let mut req = RequestBuf::new(body_cap, v.path.len(), cfg.authority.len() + token_len);
             v.template.write(req.body(), &samples, &fields);
             let body_len = req.body_len();
             body_cap = body_cap.max(body_len + 64);
-            let (bytes, start) = req.finish(&v.path, &cfg.authority);
+            let (bytes, start) =
+                req.finish_with_bearer(&v.path, &cfg.authority, token.as_ref().map(|(_, t)| &**t));
             let job = Job {
                 bytes,
                 start,
                 created: Instant::now(),
+                auth_gen: token.map_or(0, |(g, _)| g),
             };
             match lanes.dispatch(job) {
                 Ok(()) => {

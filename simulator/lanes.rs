@@ -9,15 +9,20 @@
 //! connection goes to a watcher that keeps reading for `--late-window` and counts a 200 that
 //! arrives late, so every message the backend accepted is known to the load generator too.
 
+use crate::auth::Login;
 use crate::engine::Counters;
 use std::io;
-use std::sync::atomic::Ordering::Relaxed;
+use std::os::fd::AsRawFd;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Semaphore};
-use vtox::http1::{chunked_end, parse_head, Framing, ResponseHead};
+use tokio_rustls::rustls::pki_types::ServerName;
+use vtox::http1::{find_head_end, head_too_large, parse_head, BodyReader, HttpError, ResponseHead};
 
 /// A request ready to go: `bytes[start..]` is the whole HTTP request.
 pub struct Job {
@@ -26,6 +31,9 @@ pub struct Job {
     /// When the tick fired: latency and the timeout count from here, so time spent waiting
     /// for a lane is never hidden from the numbers.
     pub created: Instant,
+    /// Generation of the login token the request carries, so that a 401 renews only the
+    /// token in use (see `auth::Login::unauthorized`).
+    pub auth_gen: u64,
 }
 
 struct Shared {
@@ -35,6 +43,14 @@ struct Shared {
     counters: Arc<Counters>,
     idle: Mutex<Vec<usize>>,
     late_window: Duration,
+    /// A kept-alive connection idle this long is closed rather than reused: a server closes
+    /// idle connections on its own clock (uvicorn after 5 s), and one closing just as a request
+    /// goes out would leave that request's fate unknown.
+    idle_limit: Duration,
+    tls: Option<TlsTarget>,
+    login: Option<Arc<Login>>,
+    /// Whether the reason for failing handshakes was logged already.
+    tls_logged: AtomicBool,
     /// Bounds the connections watched for late answers; beyond it a timed-out connection is
     /// closed as before and its outcome stays unknown.
     late_slots: Arc<Semaphore>,
@@ -46,22 +62,34 @@ pub struct Lanes {
     max: usize,
 }
 
+/// Where and how lanes connect.
+pub struct LaneConfig {
+    pub host: String,
+    pub port: u16,
+    pub timeout: Duration,
+    pub late_window: Duration,
+    pub idle_limit: Duration,
+    pub tls: Option<TlsTarget>,
+    /// The login session to renew on a 401, with `--login`.
+    pub login: Option<Arc<Login>>,
+    /// Most lanes (connections) at once.
+    pub max: usize,
+}
+
 impl Lanes {
-    pub fn new(
-        host: String,
-        port: u16,
-        timeout: Duration,
-        late_window: Duration,
-        max: usize,
-        counters: Arc<Counters>,
-    ) -> Self {
+    pub fn new(cfg: LaneConfig, counters: Arc<Counters>) -> Self {
+        let max = cfg.max;
         let shared = Arc::new(Shared {
-            host,
-            port,
-            timeout,
+            host: cfg.host,
+            port: cfg.port,
+            timeout: cfg.timeout,
             counters,
             idle: Mutex::new(Vec::new()),
-            late_window,
+            late_window: cfg.late_window,
+            idle_limit: cfg.idle_limit,
+            tls: cfg.tls,
+            login: cfg.login,
+            tls_logged: AtomicBool::new(false),
             late_slots: Arc::new(Semaphore::new(max)),
         });
         Lanes {
@@ -115,22 +143,180 @@ impl Lanes {
 enum Failure {
     Timeout,
     Connect,
+    /// The answer broke HTTP (an oversized or malformed head, bad chunking): the server is
+    /// wrong, not the network, so it is counted apart.
+    Protocol,
+    Tls,
+}
+
+/// Why an exchange failed.
+pub enum ExchangeError {
+    Io(io::Error),
+    Protocol(HttpError),
+    /// The TLS handshake failed (an untrusted certificate, a name that does not match).
+    Tls(io::Error),
+}
+
+impl std::fmt::Display for ExchangeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExchangeError::Io(e) => write!(f, "{e}"),
+            ExchangeError::Protocol(e) => write!(f, "{e}"),
+            ExchangeError::Tls(e) => write!(f, "TLS handshake failed: {e}"),
+        }
+    }
+}
+
+impl From<io::Error> for ExchangeError {
+    fn from(e: io::Error) -> Self {
+        ExchangeError::Io(e)
+    }
+}
+
+impl From<HttpError> for ExchangeError {
+    fn from(e: HttpError) -> Self {
+        ExchangeError::Protocol(e)
+    }
+}
+
+/// A connection to the target, plain or over TLS.
+pub enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl Stream {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Plain(s) => s,
+            Stream::Tls(s) => s.get_ref().0,
+        }
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// TLS towards an `https://` target: the shared configuration and the URL's host as the
+/// server name (SNI).
+#[derive(Clone)]
+pub struct TlsTarget {
+    pub connector: tokio_rustls::TlsConnector,
+    pub name: ServerName<'static>,
+    /// The target as given, for the one line that says why its handshakes fail.
+    pub base: String,
+}
+
+/// A kept-alive connection and when it last finished an exchange.
+struct Conn {
+    stream: Stream,
+    idle_since: Instant,
+}
+
+/// A connection idle for less than this is reused without a look at its socket: under load
+/// lanes are reused within microseconds, and a server closing a connection that soon after an
+/// answer without saying so is not worth a system call per message. Beyond it, one
+/// non-blocking peek tells whether the server closed it meanwhile.
+const PEEK_AFTER: Duration = Duration::from_millis(1);
+
+impl Conn {
+    /// Whether the connection can carry another request: not idle past the client's own
+    /// limit, and not closed (or written to) by the server while it was idle. A closed one is
+    /// found here, before a request is written to it, so a POST is never sent into a
+    /// connection the server already gave up and then replayed.
+    fn reusable(&self, idle_limit: Duration) -> bool {
+        let idle = self.idle_since.elapsed();
+        if idle >= idle_limit {
+            return false;
+        }
+        if idle < PEEK_AFTER {
+            return true;
+        }
+        let mut byte = [0u8; 1];
+        // SAFETY: the descriptor is owned by `self.stream`, alive for this call, and the
+        // buffer is valid for one byte; MSG_PEEK|MSG_DONTWAIT neither consumes nor blocks.
+        let n = unsafe {
+            libc::recv(
+                self.stream.tcp().as_raw_fd(),
+                byte.as_mut_ptr().cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        // Nothing to read is the only healthy state of an idle connection: 0 is the server's
+        // close, and bytes nobody asked for mean it is out of step (or, over TLS, its
+        // close_notify).
+        n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock
+    }
 }
 
 async fn run_lane(id: usize, mut rx: mpsc::Receiver<Job>, shared: Arc<Shared>) {
-    let mut conn: Option<TcpStream> = None;
-    let mut rbuf: Vec<u8> = Vec::with_capacity(4096);
+    let mut conn: Option<Conn> = None;
+    let mut reader = Reader::default();
     while let Some(job) = rx.recv().await {
         let deadline = tokio::time::Instant::from_std(job.created + shared.timeout);
         let mut written = false;
         let result = match tokio::time::timeout_at(
             deadline,
-            exchange(&mut conn, &job, &mut rbuf, &mut written, &shared),
+            exchange(&mut conn, &job, &mut reader, &mut written, &shared),
         )
         .await
         {
             Ok(Ok(status)) => Ok(status),
-            Ok(Err(_)) => Err(Failure::Connect),
+            Ok(Err(ExchangeError::Io(e))) => {
+                tracing::debug!("connection error: {e}");
+                Err(Failure::Connect)
+            }
+            Ok(Err(ExchangeError::Tls(e))) => {
+                // Every handshake fails alike (the certificate does not change), so the
+                // reason is worth one line, not one per message.
+                if !shared.tls_logged.swap(true, Relaxed) {
+                    let target = shared.tls.as_ref().map_or("", |t| t.base.as_str());
+                    tracing::error!("TLS handshake with {target} failed: {e} (counted as `tls` failures; --target-ca adds a CA)");
+                }
+                Err(Failure::Tls)
+            }
+            Ok(Err(ExchangeError::Protocol(e))) => {
+                tracing::debug!("protocol error from the target: {e}");
+                Err(Failure::Protocol)
+            }
             Err(_) => Err(Failure::Timeout),
         };
         let c = &shared.counters;
@@ -141,6 +327,11 @@ async fn run_lane(id: usize, mut rx: mpsc::Receiver<Job>, shared: Arc<Shared>) {
                     c.accepted.fetch_add(1, Relaxed);
                     c.tally(crate::tally::TALLY_ACCEPTED, 1);
                 } else {
+                    if status == 401 {
+                        if let Some(login) = &shared.login {
+                            login.unauthorized(job.auth_gen);
+                        }
+                    }
                     c.record_status(status);
                     c.tally(crate::tally::TALLY_FAILED, 1);
                 }
@@ -151,8 +342,8 @@ async fn run_lane(id: usize, mut rx: mpsc::Receiver<Job>, shared: Arc<Shared>) {
                 match f {
                     Failure::Timeout => {
                         match stale {
-                            Some(stream) if written => {
-                                watch_late(stream, std::mem::take(&mut rbuf), &job, &shared)
+                            Some(conn) if written => {
+                                watch_late(conn.stream, std::mem::take(&mut reader), &job, &shared)
                             }
                             _ => {
                                 c.tally(crate::tally::TALLY_UNSENT, 1);
@@ -165,6 +356,14 @@ async fn run_lane(id: usize, mut rx: mpsc::Receiver<Job>, shared: Arc<Shared>) {
                     Failure::Connect => {
                         c.tally(crate::tally::TALLY_CONNECT, 1);
                         c.connect.fetch_add(1, Relaxed)
+                    }
+                    Failure::Protocol => {
+                        c.tally(crate::tally::TALLY_PROTOCOL, 1);
+                        c.protocol.fetch_add(1, Relaxed)
+                    }
+                    Failure::Tls => {
+                        c.tally(crate::tally::TALLY_TLS, 1);
+                        c.tls.fetch_add(1, Relaxed)
                     }
                 };
                 c.tally(crate::tally::TALLY_FAILED, 1);
@@ -181,7 +380,7 @@ async fn run_lane(id: usize, mut rx: mpsc::Receiver<Job>, shared: Arc<Shared>) {
 /// Watches a timed-out request's connection for the answer the backend may still give, up to
 /// the late window, and counts a late 200. Only a request written whole is watched: a partial
 /// one can never be accepted.
-fn watch_late(mut stream: TcpStream, mut rbuf: Vec<u8>, job: &Job, shared: &Arc<Shared>) {
+fn watch_late(mut stream: Stream, mut reader: Reader, job: &Job, shared: &Arc<Shared>) {
     if shared.late_window.is_zero() {
         return;
     }
@@ -192,7 +391,7 @@ fn watch_late(mut stream: TcpStream, mut rbuf: Vec<u8>, job: &Job, shared: &Arc<
     let until = tokio::time::Instant::from_std(job.created + shared.timeout + shared.late_window);
     counters.late_pending.fetch_add(1, Relaxed);
     tokio::spawn(async move {
-        let answer = tokio::time::timeout_at(until, read_response(&mut stream, &mut rbuf)).await;
+        let answer = tokio::time::timeout_at(until, reader.read(&mut stream)).await;
         if let Ok(Ok(head)) = answer {
             if head.status == 200 {
                 counters.late_accepted.fetch_add(1, Relaxed);
@@ -204,94 +403,171 @@ fn watch_late(mut stream: TcpStream, mut rbuf: Vec<u8>, job: &Job, shared: &Arc<
     });
 }
 
-/// Sends the job on the lane's connection (opening one if needed) and reads the answer.
-/// `written` tells the caller, should this be cut short, whether the request went out whole.
+/// Sends the job on the lane's connection (opening one if the old one is gone) and reads the
+/// answer. `written` tells the caller, should this be cut short, whether the request went out
+/// whole. A request is sent once: after a failure nobody can know whether the server took
+/// it, and sending it again could double a message at a backend that does not deduplicate.
 async fn exchange(
-    conn: &mut Option<TcpStream>,
+    conn: &mut Option<Conn>,
     job: &Job,
-    rbuf: &mut Vec<u8>,
+    reader: &mut Reader,
     written: &mut bool,
     shared: &Shared,
-) -> io::Result<u16> {
-    for _ in 0..2 {
-        let reused = conn.is_some();
-        let stream = match conn {
-            Some(s) => s,
-            None => {
-                let s = TcpStream::connect((shared.host.as_str(), shared.port)).await?;
-                s.set_nodelay(true)?;
-                conn.insert(s)
+) -> Result<u16, ExchangeError> {
+    if conn
+        .as_ref()
+        .is_some_and(|c| !c.reusable(shared.idle_limit))
+    {
+        *conn = None;
+    }
+    let c = match conn {
+        Some(c) => c,
+        None => conn.insert(Conn {
+            stream: connect(shared).await?,
+            idle_since: Instant::now(),
+        }),
+    };
+    reader.reset();
+    *written = false;
+    let sent = match c.stream.write_all(&job.bytes[job.start..]).await {
+        Ok(()) => c.stream.flush().await,
+        Err(e) => Err(e),
+    };
+    let answer = match sent {
+        Ok(()) => {
+            *written = true;
+            reader.read(&mut c.stream).await
+        }
+        // A server may answer and close before it read the whole request (a 413, say); that
+        // answer is still in the receive buffer and says what became of the request.
+        Err(e) => match reader.read(&mut c.stream).await {
+            Ok(mut head) => {
+                head.keep_alive = false;
+                Ok(head)
             }
-        };
-        rbuf.clear();
-        *written = false;
-        match roundtrip(stream, &job.bytes[job.start..], rbuf, written).await {
-            Ok(head) => {
-                if !head.keep_alive {
-                    *conn = None;
-                }
-                return Ok(head.status);
+            Err(_) => Err(ExchangeError::Io(e)),
+        },
+    };
+    match answer {
+        Ok(head) => {
+            if head.keep_alive {
+                c.idle_since = Instant::now();
+            } else {
+                *conn = None;
             }
-            // A kept-alive connection the server closed while it was idle fails before any
-            // answer arrives; the request is sent again once on a new connection, as any HTTP
-            // client does.
-            Err(_) if reused && rbuf.is_empty() => *conn = None,
-            Err(e) => return Err(e),
+            Ok(head.status)
+        }
+        Err(e) => {
+            *conn = None;
+            Err(e)
         }
     }
-    Err(io::Error::new(
-        io::ErrorKind::ConnectionAborted,
-        "connection closed twice",
-    ))
 }
 
-fn invalid(e: impl std::fmt::Display) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, e.to_string())
+async fn connect(shared: &Shared) -> Result<Stream, ExchangeError> {
+    open(&shared.host, shared.port, shared.tls.as_ref()).await
 }
 
-async fn roundtrip(
-    stream: &mut TcpStream,
-    request: &[u8],
-    rbuf: &mut Vec<u8>,
-    written: &mut bool,
-) -> io::Result<ResponseHead> {
-    stream.write_all(request).await?;
-    *written = true;
-    read_response(stream, rbuf).await
+/// Opens a connection, over TLS when `tls` is given.
+pub async fn open(host: &str, port: u16, tls: Option<&TlsTarget>) -> Result<Stream, ExchangeError> {
+    let s = TcpStream::connect((host, port)).await?;
+    s.set_nodelay(true)?;
+    match tls {
+        None => Ok(Stream::Plain(s)),
+        Some(tls) => match tls.connector.connect(tls.name.clone(), s).await {
+            Ok(t) => Ok(Stream::Tls(Box::new(t))),
+            // rustls reports a refused certificate or handshake as InvalidData; anything else
+            // is the network's.
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => Err(ExchangeError::Tls(e)),
+            Err(e) => Err(ExchangeError::Io(e)),
+        },
+    }
 }
 
-/// Reads one whole response, continuing from whatever `rbuf` already holds.
-async fn read_response(stream: &mut TcpStream, rbuf: &mut Vec<u8>) -> io::Result<ResponseHead> {
-    let mut head: Option<ResponseHead> = None;
-    loop {
-        if rbuf.capacity() - rbuf.len() < 1024 {
-            rbuf.reserve(4096);
+/// Reads responses: the head is buffered (up to 64 KiB), the body is only followed to its end
+/// and thrown away as it arrives, so a huge answer costs no memory. Its state survives a
+/// timeout, so that the late watcher continues exactly where the lane stopped.
+#[derive(Default)]
+struct Reader {
+    buf: Vec<u8>,
+    /// Bytes of `buf` already searched for the end of the head.
+    scanned: usize,
+    /// The final head and its body's progress, once the head is in.
+    head: Option<(ResponseHead, BodyReader)>,
+}
+
+/// A buffer grown by an unusually large head is given back rather than kept for the lane's life.
+const KEEP_CAPACITY: usize = 16 * 1024;
+
+impl Reader {
+    fn reset(&mut self) {
+        self.buf.clear();
+        if self.buf.capacity() > KEEP_CAPACITY {
+            self.buf.shrink_to(4096);
         }
-        let n = stream.read_buf(rbuf).await?;
-        if head.is_none() {
-            head = parse_head(rbuf).map_err(invalid)?;
-            // Skip interim 1xx answers (e.g. 100 Continue) and wait for the final one.
-            while let Some(h) = head.filter(|h| (100..200).contains(&h.status)) {
-                rbuf.drain(..h.head_len);
-                head = parse_head(rbuf).map_err(invalid)?;
+        self.scanned = 0;
+        self.head = None;
+    }
+
+    /// Reads until one whole final response has passed, continuing from whatever state the
+    /// reader is in.
+    async fn read<S: AsyncRead + Unpin>(
+        &mut self,
+        stream: &mut S,
+    ) -> Result<ResponseHead, ExchangeError> {
+        loop {
+            if self.head.is_none() {
+                self.take_head()?;
+            }
+            if let Some((head, body)) = &mut self.head {
+                let used = body.feed(&self.buf)?;
+                let extra = self.buf.len() - used;
+                self.buf.clear();
+                if body.is_done() {
+                    let mut head = *head;
+                    // Bytes beyond the answer belong to no request of ours: the connection is
+                    // out of step and must not carry another one.
+                    if extra > 0 {
+                        head.keep_alive = false;
+                    }
+                    self.head = None;
+                    return Ok(head);
+                }
+            }
+            if self.buf.capacity() - self.buf.len() < 1024 {
+                self.buf.reserve(4096);
+            }
+            if stream.read_buf(&mut self.buf).await? == 0 {
+                return match self.head {
+                    Some((head, BodyReader::UntilClose)) => Ok(ResponseHead {
+                        keep_alive: false,
+                        ..head
+                    }),
+                    _ => Err(ExchangeError::Io(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "connection closed mid-response",
+                    ))),
+                };
             }
         }
-        if let Some(h) = head {
-            let body = &rbuf[h.head_len..];
-            let complete = match h.framing {
-                Framing::Length(len) => body.len() >= len,
-                Framing::Chunked => chunked_end(body).map_err(invalid)?.is_some(),
-                Framing::UntilClose => n == 0,
+    }
+
+    /// Parses the final head out of the buffer if it is complete, skipping interim 1xx
+    /// answers (e.g. 100 Continue); leaves the body's first bytes in the buffer.
+    fn take_head(&mut self) -> Result<(), HttpError> {
+        loop {
+            let Some(end) = find_head_end(&self.buf, self.scanned) else {
+                self.scanned = self.buf.len();
+                return head_too_large(self.buf.len());
             };
-            if complete {
-                return Ok(h);
+            let head = parse_head(&self.buf[..end])?
+                .ok_or_else(|| HttpError::Malformed("incomplete head".into()))?;
+            self.buf.drain(..head.head_len.min(end));
+            self.scanned = 0;
+            if !(100..200).contains(&head.status) {
+                self.head = Some((head, BodyReader::new(head.framing)));
+                return Ok(());
             }
-        }
-        if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "connection closed mid-response",
-            ));
         }
     }
 }

@@ -1,6 +1,7 @@
 //! `vtox-sim`: drives one contiguous slice of the fleet against a VTOX ingest endpoint and
 //! prints cumulative metrics as JSON lines on stdout. Usable alone or under `vtox-agent`.
 
+mod auth;
 mod engine;
 mod lanes;
 mod tally;
@@ -75,6 +76,39 @@ pub struct Args {
     /// so the messages the target really took are known exactly. 0 closes it at once.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub late_window: Duration,
+    /// Close a kept-alive connection idle this long instead of reusing it. Keep it below the
+    /// target's own idle limit (uvicorn: 5 s), so that a request never races the server's
+    /// close; a connection the server closed earlier is noticed before reuse anyway.
+    #[arg(long, default_value = "4s", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+    /// Also trust the CA certificates of this PEM file for an `https://` target (besides the
+    /// system's roots), e.g. a backend's private CA.
+    #[arg(long, value_name = "FILE")]
+    pub target_ca: Option<std::path::PathBuf>,
+    /// Accept any certificate from an `https://` target. Only for a test backend with a
+    /// throwaway certificate: the traffic is encrypted but the server is not authenticated.
+    /// Logged as a warning at start.
+    #[arg(long)]
+    pub target_insecure: bool,
+    /// Send to the authenticated route with this file's token (one line) as a Bearer token.
+    #[arg(long, value_name = "FILE", group = "auth")]
+    pub auth_token_file: Option<std::path::PathBuf>,
+    /// Send to the authenticated route with one Bearer token per vehicle, from lines
+    /// `vehicle_id<TAB>token`; every vehicle of the slice must be listed.
+    #[arg(long, value_name = "FILE", group = "auth")]
+    pub vehicle_tokens: Option<std::path::PathBuf>,
+    /// Send to the authenticated route with a token obtained by logging in at
+    /// `URL/auth/token` (JSON username and password, as the VTOX backend does); a 401 later
+    /// renews it once (one login at a time, whatever the number of vehicles). Needs
+    /// --login-user and --login-password-file.
+    #[arg(long, value_name = "URL", group = "auth")]
+    pub login: Option<String>,
+    /// User name for --login.
+    #[arg(long, value_name = "USER", requires = "login")]
+    pub login_user: Option<String>,
+    /// File holding the password for --login (never give it as an argument).
+    #[arg(long, value_name = "FILE", requires = "login")]
+    pub login_password_file: Option<std::path::PathBuf>,
     /// Most requests outstanding at once; a tick beyond it is dropped, never queued.
     #[arg(long, default_value_t = 1024)]
     pub max_in_flight: usize,
@@ -118,6 +152,17 @@ pub struct Config {
     pub template: IdTemplate,
     pub schedule: Schedule,
     pub run_start: SystemTime,
+    /// For an `https://` target.
+    pub tls: Option<lanes::TlsTarget>,
+    /// For the authenticated route.
+    pub auth: Option<AuthSource>,
+}
+
+/// How the authenticated route's tokens are had.
+pub enum AuthSource {
+    Tokens(auth::Tokens),
+    /// Logged in by the engine before the first message.
+    Login(Box<auth::LoginSpec>),
 }
 
 fn validate(args: Args) -> Result<Config> {
@@ -139,7 +184,9 @@ fn validate(args: Args) -> Result<Config> {
         .parse::<FaultMix>()
         .context("--faults")?
         .with_onset_window(args.fault_onset.as_secs_f64());
+    let tls = target_tls(&args, &target)?;
     let template = IdTemplate::parse(&args.id_template).context("--id-template")?;
+    let auth = auth_source(&args, &template)?;
     let schedule = Schedule::new(args.interval.as_secs_f64(), args.jitter, args.seed)
         .context("--interval/--jitter")?;
     if args.batch_size == 0 {
@@ -178,7 +225,107 @@ fn validate(args: Args) -> Result<Config> {
         template,
         schedule,
         run_start,
+        tls,
+        auth,
         args,
+    })
+}
+
+fn auth_source(args: &Args, template: &IdTemplate) -> Result<Option<AuthSource>> {
+    use std::sync::Arc;
+    use vtox::login::{parse_vehicle_tokens, read_secret, read_token};
+    if let Some(path) = &args.auth_token_file {
+        let token = read_token(path).context("--auth-token-file")?;
+        return Ok(Some(AuthSource::Tokens(auth::Tokens::Shared(Arc::from(
+            token,
+        )))));
+    }
+    if let Some(path) = &args.vehicle_tokens {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("--vehicle-tokens: cannot read {shown}"))?;
+        let table = parse_vehicle_tokens(&shown, &text).context("--vehicle-tokens")?;
+        let mut tokens = Vec::with_capacity(args.vehicles as usize);
+        for n in args.first_vehicle..args.first_vehicle + args.vehicles {
+            let id = template.render(n);
+            match table.get(&id) {
+                Some(t) => tokens.push(Arc::from(t.as_str())),
+                None => bail!("--vehicle-tokens: vehicle {id} (n = {n}) has no token in {shown}"),
+            }
+        }
+        return Ok(Some(AuthSource::Tokens(auth::Tokens::PerVehicle(tokens))));
+    }
+    let Some(url) = &args.login else {
+        return Ok(None);
+    };
+    let (Some(user), Some(password_file)) = (&args.login_user, &args.login_password_file) else {
+        bail!("--login needs --login-user and --login-password-file");
+    };
+    if user.is_empty() {
+        bail!("--login-user must not be empty");
+    }
+    let login = vtox::ingest::Target::parse(url).context("--login")?;
+    let password = read_secret(password_file).context("--login-password-file")?;
+    let tls = match login.tls {
+        true => Some(tls_target(args, &login)?),
+        false => None,
+    };
+    Ok(Some(AuthSource::Login(Box::new(auth::LoginSpec {
+        host: login.host,
+        port: login.port,
+        authority: login.authority,
+        path_prefix: login.path_prefix,
+        base: login.base,
+        tls,
+        user: user.clone(),
+        password,
+        timeout: args.timeout,
+    }))))
+}
+
+fn target_tls(args: &Args, target: &vtox::ingest::Target) -> Result<Option<lanes::TlsTarget>> {
+    let login_tls = args
+        .login
+        .as_deref()
+        .is_some_and(|l| l.starts_with("https://"));
+    if !target.tls {
+        if (args.target_ca.is_some() || args.target_insecure) && !login_tls {
+            bail!("--target-ca and --target-insecure need an https:// --target or --login");
+        }
+        return Ok(None);
+    }
+    tls_target(args, target).map(Some)
+}
+
+/// TLS towards `target` (the ingest target or the login), as --target-ca and
+/// --target-insecure say.
+fn tls_target(args: &Args, target: &vtox::ingest::Target) -> Result<lanes::TlsTarget> {
+    use vtox::target_tls::{client_config, server_name, TrustOptions};
+    if args.target_insecure && args.target_ca.is_some() {
+        bail!("--target-insecure trusts everything: --target-ca would be ignored");
+    }
+    let (config, trust) = client_config(&TrustOptions {
+        ca_file: args.target_ca.as_deref(),
+        insecure: args.target_insecure,
+        system_roots: true,
+    })
+    .context("--target-ca")?;
+    if args.target_insecure {
+        tracing::warn!(
+            target = %target.base,
+            "--target-insecure: the target's TLS certificate is NOT verified; use only against a test backend"
+        );
+    } else {
+        tracing::info!(
+            system_roots = trust.system,
+            added = trust.added,
+            "TLS towards the target"
+        );
+    }
+    Ok(lanes::TlsTarget {
+        connector: tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)),
+        name: server_name(&target.host).context("--target")?,
+        base: target.base.clone(),
     })
 }
 

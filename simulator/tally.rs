@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 /// (`vtox::metrics::TALLY_SLOTS`).
 pub use vtox::metrics::{
     TALLY_ACCEPTED, TALLY_BYTES, TALLY_CONNECT, TALLY_DROPPED, TALLY_FAILED, TALLY_LATE,
-    TALLY_SENT, TALLY_SLOTS, TALLY_TIMEOUT, TALLY_UNSENT,
+    TALLY_PROTOCOL, TALLY_SENT, TALLY_SLOTS, TALLY_TIMEOUT, TALLY_TLS, TALLY_UNSENT,
 };
 
 pub struct Tally {

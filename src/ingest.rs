@@ -32,15 +32,15 @@ pub struct Target {
     pub authority: String,
     /// Path before the ingest route, e.g. `/vtox` behind a reverse proxy; empty for none.
     pub path_prefix: String,
+    /// `https://`: connections speak TLS, with the host as the server name.
+    pub tls: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum TargetError {
     #[error("{0:?} is not a URL")]
     NotAUrl(String),
-    #[error("{0:?}: https is not supported yet; use http://")]
-    Https(String),
-    #[error("{0:?} must start with http://")]
+    #[error("{0:?} must start with http:// or https://")]
     Scheme(String),
     #[error("{0:?} has no host")]
     NoHost(String),
@@ -53,11 +53,11 @@ impl Target {
         let uri: http::Uri = text
             .parse()
             .map_err(|_| TargetError::NotAUrl(text.to_string()))?;
-        match uri.scheme_str() {
-            Some("http") => {}
-            Some("https") => return Err(TargetError::Https(text.to_string())),
+        let tls = match uri.scheme_str() {
+            Some("http") => false,
+            Some("https") => true,
             _ => return Err(TargetError::Scheme(text.to_string())),
-        }
+        };
         let authority = uri
             .authority()
             .ok_or_else(|| TargetError::NoHost(text.to_string()))?;
@@ -74,9 +74,10 @@ impl Target {
                 .trim_start_matches('[')
                 .trim_end_matches(']')
                 .to_string(),
-            port: authority.port_u16().unwrap_or(80),
+            port: authority.port_u16().unwrap_or(if tls { 443 } else { 80 }),
             authority: authority.as_str().to_string(),
             path_prefix: uri.path().trim_end_matches('/').to_string(),
+            tls,
         })
     }
 }
@@ -87,6 +88,14 @@ pub fn simulator_path(vehicle_id: &str, city: &str) -> String {
         "{SIMULATOR_ROUTE}/{}/data?location={}",
         utf8_percent_encode(vehicle_id, COMPONENT),
         utf8_percent_encode(city, COMPONENT)
+    )
+}
+
+/// Path of a vehicle's ingest request on the authenticated route (Bearer token).
+pub fn vehicle_path(vehicle_id: &str) -> String {
+    format!(
+        "{VEHICLE_ROUTE}/{}/data",
+        utf8_percent_encode(vehicle_id, COMPONENT)
     )
 }
 
@@ -357,10 +366,12 @@ mod tests {
             Target::parse("not a url"),
             Err(TargetError::NotAUrl(_))
         ));
-        assert!(matches!(
-            Target::parse("https://x"),
-            Err(TargetError::Https(_))
-        ));
+        let t = Target::parse("https://vtox.example.com/api").unwrap();
+        assert_eq!(
+            (t.host.as_str(), t.port, t.tls, t.path_prefix.as_str()),
+            ("vtox.example.com", 443, true, "/api")
+        );
+        assert!(!Target::parse("http://vtox").unwrap().tls);
         assert!(matches!(
             Target::parse("ftp://x"),
             Err(TargetError::Scheme(_))
@@ -369,6 +380,14 @@ mod tests {
             Target::parse("http://x/?a=1"),
             Err(TargetError::Query(_))
         ));
+    }
+
+    #[test]
+    fn authenticated_path() {
+        assert_eq!(
+            vehicle_path("粤B·SEAL·202400000"),
+            "/api/v1/diagnosis-stream/vehicles/%E7%B2%A4B%C2%B7SEAL%C2%B7202400000/data"
+        );
     }
 
     #[test]

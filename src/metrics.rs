@@ -148,6 +148,8 @@ pub const TALLY_TIMEOUT: usize = 5;
 pub const TALLY_CONNECT: usize = 6;
 pub const TALLY_LATE: usize = 7;
 pub const TALLY_UNSENT: usize = 8;
+pub const TALLY_PROTOCOL: usize = 9;
+pub const TALLY_TLS: usize = 10;
 pub const TALLY_SLOTS: usize = 16;
 /// Files of earlier versions had 8 slots; the newer ones read as 0 from them.
 const TALLY_SLOTS_MIN: usize = 8;
@@ -182,11 +184,17 @@ pub struct Failures {
     /// The connection could not be made or broke.
     #[serde(default)]
     pub connect: u64,
+    /// The answer broke HTTP: a head over 64 KiB, a malformed head or bad chunked encoding.
+    #[serde(default)]
+    pub protocol: u64,
+    /// The TLS handshake failed: an untrusted certificate or one for another name.
+    #[serde(default)]
+    pub tls: u64,
 }
 
 impl Failures {
     pub fn total(&self) -> u64 {
-        self.status.values().sum::<u64>() + self.timeout + self.connect
+        self.status.values().sum::<u64>() + self.timeout + self.connect + self.protocol + self.tls
     }
 
     pub fn add(&mut self, other: &Failures) {
@@ -196,6 +204,8 @@ impl Failures {
         self.timeout += other.timeout;
         self.timeout_unsent += other.timeout_unsent;
         self.connect += other.connect;
+        self.protocol += other.protocol;
+        self.tls += other.tls;
     }
 }
 
@@ -246,6 +256,9 @@ pub struct SimReport {
     pub connections: u64,
     /// Request body bytes sent.
     pub bytes: u64,
+    /// Logins done with `--login`: the first one and each renewal after a 401.
+    #[serde(default)]
+    pub logins: u64,
     /// Vehicles currently scheduled.
     #[serde(default)]
     pub active_vehicles: u64,

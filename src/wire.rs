@@ -30,6 +30,9 @@ impl pb::Counters {
             late_accepted: r.late_accepted,
             timeouts_unsent: r.failures.timeout_unsent,
             connect_errors: r.failures.connect,
+            protocol_errors: r.failures.protocol,
+            tls_errors: r.failures.tls,
+            logins: r.logins,
             status: r
                 .failures
                 .status
@@ -57,6 +60,9 @@ impl pb::Counters {
         self.late_accepted += o.late_accepted;
         self.timeouts_unsent += o.timeouts_unsent;
         self.connect_errors += o.connect_errors;
+        self.protocol_errors += o.protocol_errors;
+        self.tls_errors += o.tls_errors;
+        self.logins += o.logins;
         for (k, v) in &o.status {
             *self.status.entry(*k).or_default() += v;
         }
@@ -124,21 +130,29 @@ mod tests {
         let mut failures = Failures::default();
         failures.status.insert(503, 2);
         failures.timeout = 1;
+        failures.protocol = 2;
+        failures.tls = 1;
         let r = SimReport {
             sent: 10,
-            accepted: 7,
-            failed: 3,
+            accepted: 4,
+            failed: 6,
+            logins: 2,
             failures,
             latency: lat.encode(),
             ..Default::default()
         };
         let c = pb::Counters::from_report(&r);
-        assert_eq!((c.sent, c.accepted, c.failed, c.timeouts), (10, 7, 3, 1));
+        assert_eq!((c.sent, c.accepted, c.failed, c.timeouts), (10, 4, 6, 1));
+        assert_eq!((c.protocol_errors, c.tls_errors, c.logins), (2, 1, 2));
         assert_eq!(c.status.get(&503), Some(&2));
         let mut total = c.clone();
         total.add(&c);
         assert_eq!((total.sent, total.status.get(&503).copied()), (20, Some(4)));
-        assert!((total.success_percent() - 70.0).abs() < 1e-9);
+        assert_eq!(
+            (total.protocol_errors, total.tls_errors, total.logins),
+            (4, 2, 4)
+        );
+        assert!((total.success_percent() - 40.0).abs() < 1e-9);
         let back = Latency::from_bytes(&c.latency_hdr).unwrap();
         assert_eq!(back.count(), 1);
     }
