@@ -391,6 +391,11 @@ fn causes(t0: &pb::Counters, t1: &pb::Counters) -> BTreeMap<String, u64> {
         "connect".into(),
         t1.connect_errors.saturating_sub(t0.connect_errors),
     );
+    put(
+        "protocol".into(),
+        t1.protocol_errors.saturating_sub(t0.protocol_errors),
+    );
+    put("tls".into(), t1.tls_errors.saturating_sub(t0.tls_errors));
     for (code, n) in &t1.status {
         let before = t0.status.get(code).copied().unwrap_or(0);
         put(format!("http_{code}"), n.saturating_sub(before));

@@ -245,6 +245,12 @@ pub(crate) fn summary(s: &pb::RunStatus) -> String {
         if t.connect_errors > 0 {
             causes.push(format!("{} connection errors", t.connect_errors));
         }
+        if t.protocol_errors > 0 {
+            causes.push(format!("{} broken HTTP answers", t.protocol_errors));
+        }
+        if t.tls_errors > 0 {
+            causes.push(format!("{} TLS handshake failures", t.tls_errors));
+        }
         causes.extend(
             t.status
                 .iter()
@@ -286,6 +292,9 @@ pub(crate) fn counters_json(c: &pb::Counters) -> Value {
         "late_accepted": c.late_accepted,
         "timeouts_unsent": c.timeouts_unsent,
         "connect_errors": c.connect_errors,
+        "protocol_errors": c.protocol_errors,
+        "tls_errors": c.tls_errors,
+        "logins": c.logins,
         "status": c.status.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
         "bad_lines": c.bad_lines,
         "success_percent": c.success_percent(),
