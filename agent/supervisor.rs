@@ -2,13 +2,15 @@
 //! assignment wants, stops what it no longer wants, restarts crashed instances with backoff,
 //! and keeps each incarnation's cumulative counters for the heartbeats.
 
+use clap::Parser;
 use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::{mpsc, oneshot};
 use vtox::metrics::SimReport;
+use vtox::sim_args::SimArgs;
 use vtox::wire::pb::{self, Phase};
 
 /// Restart backoff: 1 s doubling to 30 s; a crash after five restarts within a minute marks
@@ -401,56 +403,11 @@ impl Supervisor {
         let Some(inst) = self.instances.get_mut(&idx) else {
             return;
         };
-        let mut args: Vec<String> = vec![
-            "--vehicles".into(),
-            inst.spec.vehicles.to_string(),
-            "--first-vehicle".into(),
-            inst.spec.first_vehicle.to_string(),
-            "--target".into(),
-            spec.target.clone(),
-            "--instance".into(),
-            idx.to_string(),
-            "--agent".into(),
-            agent,
-            "--interval".into(),
-            format!("{}s", spec.interval_s),
-            "--jitter".into(),
-            spec.jitter.to_string(),
-            "--batch-size".into(),
-            spec.batch_size.to_string(),
-            "--sampling-rate".into(),
-            spec.sampling_rate.to_string(),
-            "--seed".into(),
-            spec.seed.to_string(),
-            "--run-start".into(),
-            format!("{:.6}", spec.run_start),
-            "--timeout".into(),
-            format!("{}s", spec.timeout_s),
-            "--max-in-flight".into(),
-            spec.max_in_flight.to_string(),
-        ];
-        if !spec.faults.is_empty() {
-            args.extend(["--faults".into(), spec.faults.clone()]);
-        }
-        if let Some(onset) = spec.fault_onset_s {
-            args.extend(["--fault-onset".into(), format!("{}s", onset.max(0.0))]);
-        }
-        if !spec.id_template.is_empty() {
-            args.extend(["--id-template".into(), spec.id_template.clone()]);
-        }
-        if spec.duration_s > 0.0 {
-            // A restarted instance ends with the run, not a full duration after its restart.
-            let now = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs_f64())
-                .unwrap_or(0.0);
-            let remaining = spec.run_start + spec.duration_s - now.max(spec.run_start);
-            if remaining <= 0.05 {
-                inst.phase = Phase::Exited;
-                return;
-            }
-            args.extend(["--duration".into(), format!("{remaining:.3}s")]);
-        }
+        let now = vtox::ingest::unix_secs(SystemTime::now());
+        let Some(mut sim) = sim_args(&spec, &inst.spec, &agent, now, self.cfg.lease) else {
+            inst.phase = Phase::Exited;
+            return;
+        };
         let incarnation = vtox::ingest::unix_ms(SystemTime::now()).max(inst.incarnation + 1);
         let key = TallyKey {
             run_id: self.run_id.clone(),
@@ -465,7 +422,7 @@ impl Supervisor {
                 tracing::warn!(path = %dir.display(), "cannot create the tally directory ({e}); counts of a killed simulator may be short");
             }
         }
-        args.extend(["--tally".into(), tally.to_string_lossy().into_owned()]);
+        sim.tally = Some(tally);
         let log_path = self.cfg.log_dir.join(format!("instance-{idx}.log"));
         let stderr = match std::fs::OpenOptions::new()
             .create(true)
@@ -478,14 +435,8 @@ impl Supervisor {
                 Stdio::null()
             }
         };
-        // Half the agent's lease: an orphaned simulator stops well before the coordinator may
-        // hand its vehicles to another host (after the agent's lease plus a grace period).
-        args.extend([
-            "--lease".into(),
-            format!("{}ms", (self.cfg.lease / 2).as_millis()),
-        ]);
         let mut cmd = tokio::process::Command::new(&self.cfg.sim_bin);
-        cmd.args(&args)
+        cmd.args(sim.to_args())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(stderr)
@@ -763,6 +714,57 @@ impl Supervisor {
     }
 }
 
+/// The simulator's command line for one instance of a run, at Unix time `now`; None when the
+/// run's duration is already over (a restart late in a run has nothing left to drive).
+fn sim_args(
+    spec: &pb::RunSpec,
+    inst: &pb::InstanceSpec,
+    agent: &str,
+    now: f64,
+    lease: Duration,
+) -> Option<SimArgs> {
+    let duration = if spec.duration_s > 0.0 {
+        // A restarted instance ends with the run, not a full duration after its restart.
+        let remaining = spec.run_start + spec.duration_s - now.max(spec.run_start);
+        if remaining <= 0.05 {
+            return None;
+        }
+        Some(Duration::from_secs_f64((remaining * 1e3).round() / 1e3))
+    } else {
+        None
+    };
+    let secs = |s: f64| Duration::from_secs_f64(s.clamp(0.0, 1e9));
+    let defaults =
+        SimArgs::try_parse_from(["vtox-sim", "--vehicles", "1", "--target", "-"]).ok()?;
+    Some(SimArgs {
+        vehicles: inst.vehicles,
+        first_vehicle: inst.first_vehicle,
+        target: spec.target.clone(),
+        instance: inst.index,
+        agent: Some(agent.to_string()),
+        interval: secs(spec.interval_s),
+        jitter: spec.jitter,
+        batch_size: spec.batch_size as usize,
+        sampling_rate: spec.sampling_rate,
+        faults: spec.faults.clone(),
+        fault_onset: spec.fault_onset_s.map_or(defaults.fault_onset, secs),
+        seed: spec.seed,
+        duration,
+        timeout: secs(spec.timeout_s),
+        max_in_flight: spec.max_in_flight as usize,
+        id_template: if spec.id_template.is_empty() {
+            defaults.id_template.clone()
+        } else {
+            spec.id_template.clone()
+        },
+        run_start: Some(spec.run_start),
+        // Half the agent's lease: an orphaned simulator stops well before the coordinator may
+        // hand its vehicles to another host (after the agent's lease plus a grace period).
+        lease: Some(lease / 2),
+        ..defaults
+    })
+}
+
 /// Schedules a restart with backoff, or marks the instance failed when it crash-loops.
 fn crashed(inst: &mut Instance, now: Instant) {
     inst.crashes.push_back(now);
@@ -905,6 +907,55 @@ fn rss_of(pid: u32) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_simulator_gets_the_run_spec_and_the_rest_of_the_run() {
+        let spec = pb::RunSpec {
+            target: "https://vtox:8443/x".into(),
+            interval_s: 1.2,
+            jitter: 0.1,
+            batch_size: 10,
+            sampling_rate: 50,
+            faults: "bearing=3".into(),
+            seed: 9,
+            run_start: 1000.0,
+            timeout_s: 5.0,
+            max_in_flight: 64,
+            duration_s: 60.0,
+            fault_onset_s: Some(0.0),
+            ..Default::default()
+        };
+        let inst = pb::InstanceSpec {
+            index: 2,
+            first_vehicle: 100,
+            vehicles: 50,
+        };
+        let a = sim_args(&spec, &inst, "host-a", 1030.0, Duration::from_secs(5)).unwrap();
+        assert_eq!((a.vehicles, a.first_vehicle, a.instance), (50, 100, 2));
+        assert_eq!(
+            a.duration,
+            Some(Duration::from_secs(30)),
+            "the rest of the run"
+        );
+        assert_eq!(a.fault_onset, Duration::ZERO);
+        assert_eq!(a.lease, Some(Duration::from_millis(2500)));
+        assert_eq!(a.run_start, Some(1000.0));
+        // What the agent passes is what the simulator parses.
+        let back =
+            SimArgs::try_parse_from(std::iter::once("vtox-sim".to_string()).chain(a.to_args()))
+                .unwrap();
+        assert_eq!(back, a);
+        assert!(sim_args(&spec, &inst, "host-a", 1060.0, Duration::from_secs(5)).is_none());
+        // Without a duration or an onset the simulator's own defaults hold.
+        let open = pb::RunSpec {
+            duration_s: 0.0,
+            fault_onset_s: None,
+            ..spec
+        };
+        let a = sim_args(&open, &inst, "host-a", 1030.0, Duration::from_secs(5)).unwrap();
+        assert_eq!(a.duration, None);
+        assert_eq!(a.fault_onset, Duration::from_secs(300));
+    }
 
     #[test]
     fn tally_names_round_trip() {

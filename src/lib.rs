@@ -27,6 +27,7 @@ pub mod rng;
 pub mod schedule;
 pub mod score;
 pub mod signal;
+pub mod sim_args;
 pub mod sink;
 pub mod target_tls;
 pub mod telemetry;
