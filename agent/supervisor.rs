@@ -736,7 +736,22 @@ fn sim_args(
     let secs = |s: f64| Duration::from_secs_f64(s.clamp(0.0, 1e9));
     let defaults =
         SimArgs::try_parse_from(["vtox-sim", "--vehicles", "1", "--target", "-"]).ok()?;
+    let access = spec.access.clone().unwrap_or_default();
+    let file = |p: &str| (!p.is_empty()).then(|| std::path::PathBuf::from(p));
+    let text = |t: &str| (!t.is_empty()).then(|| t.to_string());
     Some(SimArgs {
+        target_ca: file(&access.target_ca_file),
+        target_insecure: access.target_insecure,
+        auth_token_file: file(&access.auth_token_file),
+        vehicle_tokens: file(&access.vehicle_tokens_file),
+        login: text(&access.login_url),
+        login_user: text(&access.login_user),
+        login_password_file: file(&access.login_password_file),
+        idle_timeout: if access.idle_timeout_s > 0.0 {
+            secs(access.idle_timeout_s)
+        } else {
+            defaults.idle_timeout
+        },
         vehicles: inst.vehicles,
         first_vehicle: inst.first_vehicle,
         target: spec.target.clone(),
@@ -923,6 +938,13 @@ mod tests {
             max_in_flight: 64,
             duration_s: 60.0,
             fault_onset_s: Some(0.0),
+            access: Some(pb::TargetAccess {
+                target_ca_file: "/etc/vtox/backend-ca.pem".into(),
+                login_url: "https://vtox:8443".into(),
+                login_user: "fleet".into(),
+                login_password_file: "/etc/vtox/password".into(),
+                ..Default::default()
+            }),
             ..Default::default()
         };
         let inst = pb::InstanceSpec {
@@ -940,6 +962,9 @@ mod tests {
         assert_eq!(a.fault_onset, Duration::ZERO);
         assert_eq!(a.lease, Some(Duration::from_millis(2500)));
         assert_eq!(a.run_start, Some(1000.0));
+        assert_eq!(a.target_ca, Some("/etc/vtox/backend-ca.pem".into()));
+        assert_eq!(a.login_user.as_deref(), Some("fleet"));
+        assert_eq!(a.auth_token_file, None);
         // What the agent passes is what the simulator parses.
         let back =
             SimArgs::try_parse_from(std::iter::once("vtox-sim".to_string()).chain(a.to_args()))

@@ -65,7 +65,63 @@ pub struct DriveArgs {
     #[arg(long, default_value_t = 50)]
     pub sampling_rate: u32,
     #[command(flatten)]
+    pub access: AccessArgs,
+    #[command(flatten)]
     pub redis: RedisArgs,
+}
+
+/// How the simulators reach and sign in to an `https://` or authenticated target. Files are
+/// read on every agent's host, so put them there (they never travel through the coordinator).
+#[derive(Debug, Clone, ClapArgs)]
+pub struct AccessArgs {
+    /// Also trust the CA certificates of this PEM file for an `https://` target (a path on
+    /// every agent's host).
+    #[arg(long, value_name = "FILE")]
+    pub target_ca: Option<std::path::PathBuf>,
+    /// Accept any certificate from an `https://` target (a test backend only; logged).
+    #[arg(long)]
+    pub target_insecure: bool,
+    /// Send to the authenticated route with this file's Bearer token (a path on every agent's
+    /// host).
+    #[arg(long, value_name = "FILE", group = "target_auth")]
+    pub auth_token_file: Option<std::path::PathBuf>,
+    /// One Bearer token per vehicle, lines `vehicle_id<TAB>token` (a path on every agent's
+    /// host).
+    #[arg(long, value_name = "FILE", group = "target_auth")]
+    pub vehicle_tokens: Option<std::path::PathBuf>,
+    /// Log in at URL/auth/token as the VTOX backend expects; a 401 renews the token once.
+    #[arg(long, value_name = "URL", group = "target_auth", requires_all = ["login_user", "login_password_file"])]
+    pub login: Option<String>,
+    /// User name for --login.
+    #[arg(long, value_name = "USER", requires = "login")]
+    pub login_user: Option<String>,
+    /// File with the password for --login (a path on every agent's host).
+    #[arg(long, value_name = "FILE", requires = "login")]
+    pub login_password_file: Option<std::path::PathBuf>,
+    /// Close a kept-alive connection idle this long instead of reusing it [default: the
+    /// simulator's, 4s: below uvicorn's 5 s].
+    #[arg(long, value_parser = parse_duration)]
+    pub idle_timeout: Option<Duration>,
+}
+
+impl AccessArgs {
+    fn spec(&self) -> pb::TargetAccess {
+        let path = |p: &Option<std::path::PathBuf>| {
+            p.as_ref()
+                .map(|p| p.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        };
+        pb::TargetAccess {
+            target_ca_file: path(&self.target_ca),
+            target_insecure: self.target_insecure,
+            auth_token_file: path(&self.auth_token_file),
+            vehicle_tokens_file: path(&self.vehicle_tokens),
+            login_url: self.login.clone().unwrap_or_default(),
+            login_user: self.login_user.clone().unwrap_or_default(),
+            login_password_file: path(&self.login_password_file),
+            idle_timeout_s: self.idle_timeout.map_or(0.0, |d| d.as_secs_f64()),
+        }
+    }
 }
 
 impl DriveArgs {
@@ -100,6 +156,7 @@ impl DriveArgs {
             id_template: String::new(),
             duration_s: duration.map_or(0.0, |d| d.as_secs_f64()),
             fault_onset_s: self.fault_onset.map(|d| d.as_secs_f64()),
+            access: Some(self.access.spec()),
         }
     }
 

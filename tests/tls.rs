@@ -296,3 +296,55 @@ fn tls_flags_are_checked() {
         );
     }
 }
+
+#[test]
+fn run_passes_tls_trust_and_the_token_through_the_coordinator_and_agent() {
+    let dir = TempDir::new("tls-run");
+    make_certs(dir.path());
+    // The sink wants this token on the authenticated route; the run's simulators read it from
+    // a file on their (here: this) host.
+    let backend = format!("127.0.0.1:{}", free_port());
+    let _sink = Proc::spawn(
+        "vtox-sink",
+        &["--listen", &backend, "--token", "fleet-secret"],
+    );
+    wait_listening(&backend, Duration::from_secs(10));
+    let token = format!("{}/token", dir.path());
+    std::fs::write(&token, "fleet-secret\n").expect("write the token");
+    let (port, _seen) = terminator(dir.path(), backend.clone());
+    let ca = format!("{}/ca.pem", dir.path());
+    let o = std::process::Command::new(bin("vtox-coord"))
+        .args([
+            "run",
+            "10",
+            "--local",
+            "--target",
+            &format!("https://localhost:{port}"),
+            "--target-ca",
+            &ca,
+            "--auth-token-file",
+            &token,
+            "--duration",
+            "3s",
+            "--interval",
+            "0.5s",
+            "--json",
+        ])
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        !err.contains("fleet-secret"),
+        "the token never shows: {err}"
+    );
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).expect("run --json");
+    let accepted = r["totals"]["accepted"].as_u64().expect("accepted");
+    assert!(accepted >= 40, "{r}");
+    assert_eq!(r["totals"]["failed"], 0, "{r}");
+    let stats = get_json(&backend, "/stats").expect("sink stats");
+    assert_eq!(stats["accepted"], accepted, "{stats}");
+    assert_eq!(stats["unauthorized"].as_u64().unwrap_or(0), 0, "{stats}");
+}
