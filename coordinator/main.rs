@@ -6,6 +6,7 @@ mod hardware;
 
 mod backend;
 mod cli;
+mod control;
 mod local;
 mod planning;
 mod ramp;
