@@ -209,6 +209,11 @@ impl Control {
         self.epoch
     }
 
+    /// Changes whenever anything a status shows may have changed.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
     pub fn run(&self) -> Option<&Run> {
         self.run.as_ref()
     }
@@ -1031,13 +1036,12 @@ impl StatusSnapshot {
                     bytes.clone()
                 }
                 _ => {
-                    let mut sum = BucketSum::default();
+                    let mut b = Buckets::default();
                     for s in &a.reports {
                         if let Some(c) = &s.counters {
-                            sum.add(&Buckets::from_bytes(&c.latency_hdr).unwrap_or_default());
+                            b.merge(&Buckets::from_bytes(&c.latency_hdr).unwrap_or_default());
                         }
                     }
-                    let b = sum.finish();
                     fleet.add(&b);
                     let bytes = Arc::new(b.to_bytes());
                     cache

@@ -23,9 +23,16 @@ const STATE_FILE: &str = "state.pb";
 /// Outbound messages queued per agent before the coordinator stops waiting for a slow one.
 const SESSION_QUEUE: usize = 16;
 
+/// A status that took this long to make is made at most once per heartbeat, ahead of the
+/// watchers, and answered from (at most two heartbeats old) rather than made per request.
+const EXPENSIVE_STATUS: Duration = Duration::from_millis(20);
+
+/// Statuses are made ahead only while someone asked for one this recently.
+const WATCHED: Duration = Duration::from_secs(5);
+
 /// Ticks asked for by events (joins, sessions, stops) come at most this often: a thousand
 /// agents joining in a second cost a few ticks, not a thousand.
-const MIN_TICK_SPACING: Duration = Duration::from_millis(50);
+const MIN_TICK_SPACING: Duration = Duration::from_millis(100);
 
 pub struct Settings {
     pub lease: Duration,
@@ -40,6 +47,9 @@ pub struct Settings {
     /// Most joins accepted per second, whoever sends them.
     pub max_join_rate: u32,
 }
+
+/// What an agent was last sent: its session, run and instances (index, first, vehicles).
+type Sent = (u64, String, Vec<(u32, u64, u64)>);
 
 type Outbox = mpsc::Sender<Result<pb::CoordinatorMessage, Status>>;
 
@@ -56,9 +66,20 @@ pub struct Coordinator {
     /// Merged histograms kept between statuses; also what makes concurrent statuses take
     /// turns instead of each merging everything.
     merged: Mutex<MergedCache>,
+    last_status: Mutex<Option<LastStatus>>,
+    refreshing: std::sync::atomic::AtomicBool,
     /// The latest encoded state to write; the writer task takes the newest, skipping any it
     /// had no time for.
     writes: watch::Sender<Option<Arc<Vec<u8>>>>,
+}
+
+/// The last status made, and what it cost.
+struct LastStatus {
+    status: Arc<pb::RunStatus>,
+    version: u64,
+    made: Instant,
+    took: Duration,
+    asked: Instant,
 }
 
 fn now() -> Now {
@@ -125,6 +146,8 @@ impl Coordinator {
             changed: Notify::new(),
             settings,
             merged: Mutex::new(MergedCache::default()),
+            last_status: Mutex::new(None),
+            refreshing: std::sync::atomic::AtomicBool::new(false),
             writes: watch::Sender::new(None),
         }))
     }
@@ -139,16 +162,73 @@ impl Coordinator {
         }
     }
 
-    /// The run status. The core is locked only to take a snapshot; merging happens after.
-    fn status(&self) -> pb::RunStatus {
+    /// Makes the run status afresh. The core is locked only to take a snapshot; the merging
+    /// happens after, one status at a time.
+    fn make_status(&self) -> Arc<pb::RunStatus> {
         let mut merged = lock(&self.merged);
-        let snapshot = self.lock().core.status_snapshot(now());
-        snapshot.render(&mut merged)
+        let started = Instant::now();
+        let (snapshot, version) = {
+            let sh = self.lock();
+            (sh.core.status_snapshot(now()), sh.core.version())
+        };
+        let status = Arc::new(snapshot.render(&mut merged));
+        let mut last = lock(&self.last_status);
+        let asked = last.as_ref().map_or(started, |l| l.asked);
+        *last = Some(LastStatus {
+            status: status.clone(),
+            version,
+            made: started,
+            took: started.elapsed(),
+            asked,
+        });
+        status
+    }
+
+    /// The run status: the last one made if nothing changed since, or if statuses are
+    /// expensive (a large fleet) and it is recent; otherwise made now.
+    fn status(&self) -> Arc<pb::RunStatus> {
+        let version = self.lock().core.version();
+        {
+            let mut last = lock(&self.last_status);
+            if let Some(l) = last.as_mut() {
+                l.asked = Instant::now();
+                let recent =
+                    l.took >= EXPENSIVE_STATUS && l.made.elapsed() < 2 * self.settings.heartbeat;
+                if l.version == version || recent {
+                    return l.status.clone();
+                }
+            }
+        }
+        self.make_status()
+    }
+
+    /// For expensive statuses that someone watches: makes the next one in the background,
+    /// at most once per heartbeat and leaving the merging at most a quarter of a core.
+    fn refresh_status(self: &Arc<Self>) {
+        let due = lock(&self.last_status).as_ref().is_some_and(|l| {
+            l.took >= EXPENSIVE_STATUS
+                && l.asked.elapsed() < WATCHED
+                && l.made.elapsed() + Duration::from_millis(100)
+                    >= self.settings.heartbeat.max(4 * l.took)
+        });
+        if !due
+            || self
+                .refreshing
+                .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            return;
+        }
+        let c = self.clone();
+        tokio::task::spawn_blocking(move || {
+            c.make_status();
+            c.refreshing
+                .store(false, std::sync::atomic::Ordering::Release);
+        });
     }
 
     async fn status_async(self: &Arc<Self>) -> Result<pb::RunStatus, Status> {
         let c = self.clone();
-        tokio::task::spawn_blocking(move || c.status())
+        tokio::task::spawn_blocking(move || pb::RunStatus::clone(&c.status()))
             .await
             .map_err(|e| Status::internal(format!("the status could not be made: {e}")))
     }
@@ -167,9 +247,14 @@ impl Coordinator {
         }
         let mut tick = tokio::time::interval(self.settings.heartbeat);
         let mut last = Instant::now();
+        // What each agent was last sent (session, run, instances): a tick asked for by an event
+        // sends only what changed, so ten thousand joins do not each resend every assignment.
+        // The heartbeat tick sends everything: it renews the leases and carries new epochs.
+        let mut sent: HashMap<String, Sent> = HashMap::new();
         loop {
+            let mut renew = false;
             tokio::select! {
-                _ = tick.tick() => {}
+                _ = tick.tick() => renew = true,
                 _ = self.changed.notified() => {
                     let wait = MIN_TICK_SPACING.saturating_sub(last.elapsed());
                     if !wait.is_zero() {
@@ -191,6 +276,19 @@ impl Coordinator {
                 for a in assignments {
                     if let Some((id, tx)) = sh.outbox.get(&a.agent) {
                         if *id == a.session {
+                            let content = (
+                                a.session,
+                                a.assignment.run_id.clone(),
+                                a.assignment
+                                    .instances
+                                    .iter()
+                                    .map(|i| (i.index, i.first_vehicle, i.vehicles))
+                                    .collect(),
+                            );
+                            if !renew && sent.get(&a.agent) == Some(&content) {
+                                continue;
+                            }
+                            sent.insert(a.agent.clone(), content);
                             sends.push((a.agent, a.session, tx.clone(), a.assignment));
                         }
                     }
@@ -208,6 +306,7 @@ impl Coordinator {
                     Err(mpsc::error::TrySendError::Closed(_)) => lost.push((name, session)),
                 }
             }
+            self.refresh_status();
             if !lost.is_empty() {
                 let mut sh = self.lock();
                 for (name, session) in lost {

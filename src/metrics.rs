@@ -231,6 +231,49 @@ impl Buckets {
         Ok(Buckets { counts })
     }
 
+    /// Adds `other` bucket-wise.
+    pub fn merge(&mut self, other: &Buckets) {
+        if other.counts.is_empty() {
+            return;
+        }
+        if self.counts.is_empty() {
+            self.counts = other.counts.clone();
+            return;
+        }
+        let mut out = Vec::with_capacity(self.counts.len().max(other.counts.len()));
+        let (mut a, mut b) = (
+            self.counts.iter().peekable(),
+            other.counts.iter().peekable(),
+        );
+        loop {
+            match (a.peek(), b.peek()) {
+                (Some(&&(i, x)), Some(&&(j, y))) => {
+                    if i == j {
+                        out.push((i, x.saturating_add(y)));
+                        a.next();
+                        b.next();
+                    } else if i < j {
+                        out.push((i, x));
+                        a.next();
+                    } else {
+                        out.push((j, y));
+                        b.next();
+                    }
+                }
+                (Some(&&e), None) => {
+                    out.push(e);
+                    a.next();
+                }
+                (None, Some(&&e)) => {
+                    out.push(e);
+                    b.next();
+                }
+                (None, None) => break,
+            }
+        }
+        self.counts = out;
+    }
+
     /// The uncompressed V2 encoding (which `Latency::from_bytes` reads like the deflated one):
     /// cheap to make for every agent on every status.
     pub fn to_bytes(&self) -> Vec<u8> {
@@ -474,13 +517,16 @@ mod tests {
         ) {
             let mut full = Latency::new();
             let mut sum = BucketSum::default();
+            let mut merged_pairwise = Buckets::default();
             for values in &hists {
                 let l = latency_of(values);
                 full.merge(&l).unwrap();
                 let b = Buckets::from_bytes(&l.to_bytes()).unwrap();
                 prop_assert_eq!(Latency::from_bytes(&b.to_bytes()).unwrap(), l.clone());
                 sum.add(&b);
+                merged_pairwise.merge(&b);
             }
+            prop_assert_eq!(&merged_pairwise, &sum.finish());
             let merged = Latency::from_bytes(&sum.finish().to_bytes()).unwrap();
             prop_assert_eq!(merged.count(), full.count());
             for q in [0.5, 0.9, 0.99, 0.999, 1.0] {
