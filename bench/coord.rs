@@ -1,10 +1,17 @@
-//! Coordinator benchmark: a real `vtox-coord serve` process carries 1,000 light agents (gRPC
-//! clients in this process) that join, take their assignments and heartbeat every second with
-//! growing counters and latency histograms, while a watcher pulls the status every second; the
-//! coordinator's CPU is read from /proc. Then the planner spreads 1,000,000 vehicles over
-//! 1,000 agents. Run: `cargo bench --bench coord` (AGENTS=… and SECONDS=… to change the load).
+//! Coordinator benchmark: a real `vtox-coord serve --state-dir` process carries light agents
+//! (gRPC clients sharing this process's runtime) that join at the coordinator's join rate,
+//! take their assignments and heartbeat every second with growing counters and latency
+//! histograms, while a watcher asks for the status every second; the coordinator's CPU and
+//! memory are read from /proc, and every agent checks that its lease is renewed in time. Then
+//! the planner spreads 1,000,000 vehicles over 1,000 and 10,000 agents.
+//! Run: `cargo build --release --bin vtox-coord && AGENTS=10000 SECONDS=60 cargo bench --bench coord`
+//! (AGENTS, default 1000; SECONDS, default 20; JOIN_RATE, default AGENTS / 10 per second).
+//! The last line sums it up: `agents= instances= coord_cpu_cores= coord_rss_mib=
+//! status_p99_ms= late_leases=`.
 
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -13,6 +20,10 @@ use vtox::plan::{plan, PlanAgent};
 use vtox::wire::pb::agent_service_client::AgentServiceClient;
 use vtox::wire::pb::control_service_client::ControlServiceClient;
 use vtox::wire::pb::{self, agent_message, coordinator_message};
+
+/// The coordinator's default lease: an assignment later than this after the previous one
+/// means the agent would have stopped its simulators.
+const LEASE: Duration = Duration::from_secs(5);
 
 fn env_num(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -38,10 +49,37 @@ fn rss_mib(pid: u32) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Two sockets per agent (its end and the coordinator's) need more descriptors than the
+/// usual 1,024; the coordinator inherits the limit.
+fn raise_open_files(need: u64) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < need {
+            lim.rlim_cur = need.min(lim.rlim_max);
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+#[derive(Default)]
+struct Leases {
+    /// Assignments that came later than a lease after the previous one.
+    late: AtomicU64,
+    /// The longest gap between two assignments of one agent, in ms.
+    max_gap_ms: AtomicU64,
+    /// Agents whose session is open.
+    connected: AtomicU64,
+}
+
 async fn light_agent(
     url: String,
     i: u64,
     stop: tokio::sync::watch::Receiver<bool>,
+    leases: Arc<Leases>,
 ) -> Result<(), String> {
     let channel = tonic::transport::Endpoint::from_shared(url)
         .map_err(|e| e.to_string())?
@@ -58,16 +96,27 @@ async fn light_agent(
         calibrated_msgs_per_core: 20_000.0,
         ..Default::default()
     };
-    let reply = client
-        .join(pb::JoinRequest {
-            name: format!("bench-{i:04}"),
-            hardware: Some(hw),
-            max_vehicles: 0,
-            protocol_major: 1,
-        })
-        .await
-        .map_err(|e| e.to_string())?
-        .into_inner();
+    // As a real agent does: a join refused for the rate is retried a little later.
+    let mut wait = Duration::from_millis(200);
+    let reply = loop {
+        let join = client
+            .join(pb::JoinRequest {
+                name: format!("bench-{i:05}"),
+                hardware: Some(hw.clone()),
+                max_vehicles: 0,
+                protocol_major: 1,
+            })
+            .await;
+        match join {
+            Ok(r) => break r.into_inner(),
+            Err(e) if e.code() == tonic::Code::ResourceExhausted => {
+                let jitter = Duration::from_millis((i * 7919) % 500);
+                tokio::time::sleep(wait + jitter).await;
+                wait = (wait * 2).min(Duration::from_secs(4));
+            }
+            Err(e) => return Err(e.message().to_string()),
+        }
+    };
     let (tx, rx) = mpsc::channel(4);
     let hello = pb::AgentMessage {
         msg: Some(agent_message::Msg::Hello(pb::Hello {
@@ -81,6 +130,8 @@ async fn light_agent(
         .await
         .map_err(|e| e.to_string())?
         .into_inner();
+    leases.connected.fetch_add(1, Ordering::Relaxed);
+    let mut last_assignment: Option<Instant> = None;
     let mut assignment = pb::Assignment::default();
     let mut tick = tokio::time::interval(Duration::from_millis(1000));
     let mut latency = Latency::new();
@@ -92,7 +143,18 @@ async fn light_agent(
         }
         tokio::select! {
             m = inbound.message() => match m {
-                Ok(Some(pb::CoordinatorMessage { msg: Some(coordinator_message::Msg::Assignment(a)) })) => assignment = a,
+                Ok(Some(pb::CoordinatorMessage { msg: Some(coordinator_message::Msg::Assignment(a)) })) => {
+                    let now = Instant::now();
+                    if let Some(prev) = last_assignment {
+                        let gap = now - prev;
+                        leases.max_gap_ms.fetch_max(gap.as_millis() as u64, Ordering::Relaxed);
+                        if gap > LEASE {
+                            leases.late.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    last_assignment = Some(now);
+                    assignment = a;
+                }
                 Ok(_) => return Ok(()),
                 Err(e) => return Err(e.message().to_string()),
             },
@@ -127,18 +189,8 @@ async fn light_agent(
     }
 }
 
-fn main() {
-    let agents = env_num("AGENTS", 1000);
-    let seconds = env_num("SECONDS", 20);
-    let coord_bin =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/vtox-coord");
-    if !coord_bin.is_file() {
-        eprintln!("build it first: cargo build --release --bin vtox-coord");
-        std::process::exit(2);
-    }
-
-    // The planner.
-    let plan_agents: Vec<PlanAgent> = (0..1000)
+fn plan_ms(agents: u64) -> f64 {
+    let plan_agents: Vec<PlanAgent> = (0..agents)
         .map(|i| PlanAgent {
             name: format!("a{i}"),
             max_vehicles: 2000 + (i % 5) * 500,
@@ -151,11 +203,29 @@ fn main() {
         best = best.min(t.elapsed());
         assert!(p.is_ok());
     }
-    println!(
-        "plan: 1,000,000 vehicles over 1,000 agents in {:.1} ms (best of 5)",
-        best.as_secs_f64() * 1e3
-    );
+    best.as_secs_f64() * 1e3
+}
 
+fn main() {
+    let agents = env_num("AGENTS", 1000);
+    let seconds = env_num("SECONDS", 20);
+    let join_rate = env_num("JOIN_RATE", (agents / 10).max(100));
+    let coord_bin =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/vtox-coord");
+    if !coord_bin.is_file() {
+        eprintln!("build it first: cargo build --release --bin vtox-coord");
+        std::process::exit(2);
+    }
+
+    for n in [1_000, 10_000] {
+        println!(
+            "plan: 1,000,000 vehicles over {n} agents in {:.1} ms (best of 5)",
+            plan_ms(n)
+        );
+    }
+
+    raise_open_files(2 * agents + 1024);
+    let state_dir = std::env::temp_dir().join(format!("vtox-bench-coord-{}", std::process::id()));
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -163,6 +233,10 @@ fn main() {
     let addr = format!("127.0.0.1:{port}");
     let mut coord = Command::new(&coord_bin)
         .args(["serve", "--listen", &addr])
+        .args(["--max-join-rate", &join_rate.to_string()])
+        .args(["--max-agents", &agents.max(10_000).to_string()])
+        .arg("--state-dir")
+        .arg(&state_dir)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .spawn()
@@ -172,7 +246,7 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
-    rt.block_on(async {
+    let summary = rt.block_on(async {
         let url = format!("http://{addr}");
         for _ in 0..100 {
             if tokio::net::TcpStream::connect(&addr).await.is_ok() {
@@ -180,20 +254,27 @@ fn main() {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        let leases = Arc::new(Leases::default());
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut tasks = Vec::new();
+        let joining = Instant::now();
+        // Agents arrive at about the join rate, as hosts of a fleet coming up would.
+        let batch = (join_rate / 10).max(1);
         for i in 0..agents {
-            tasks.push(tokio::spawn(light_agent(url.clone(), i, stop_rx.clone())));
-            if i % 100 == 99 {
-                tokio::time::sleep(Duration::from_millis(50)).await;
+            tasks.push(tokio::spawn(light_agent(url.clone(), i, stop_rx.clone(), leases.clone())));
+            if i % batch == batch - 1 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
-        let mut control = ControlServiceClient::connect(url.clone()).await.expect("control client");
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut control = ControlServiceClient::connect(url.clone())
+            .await
+            .expect("control client")
+            .max_decoding_message_size(1 << 30);
+        let deadline = Instant::now() + Duration::from_secs(60 + 3 * agents / join_rate);
         loop {
-            let n = control.list_agents(pb::ListAgentsRequest {}).await.map(|r| r.into_inner().agents.iter().filter(|a| a.connected).count()).unwrap_or(0);
-            if n as u64 >= agents || Instant::now() > deadline {
-                println!("{n} agents connected");
+            let n = leases.connected.load(Ordering::Relaxed);
+            if n >= agents || Instant::now() > deadline {
+                println!("{n} agents connected in {:.1} s at --max-join-rate {join_rate}", joining.elapsed().as_secs_f64());
                 break;
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -207,32 +288,57 @@ fn main() {
             })
             .await
             .expect("start a run");
-        println!("run {} of {vehicles} vehicles ({} instances)", start.get_ref().run_id, vehicles / 50);
-        let mut watch = control.watch(pb::WatchRequest { interval_ms: 1000 }).await.expect("watch").into_inner();
-        // Let the assignments settle, then measure.
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        let instances = vehicles / 50;
+        println!("run {} of {vehicles} vehicles ({instances} instances)", start.get_ref().run_id);
+        // Let the assignments settle and every histogram arrive, then measure.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let late_before = leases.late.load(Ordering::Relaxed);
         let (t0, c0) = (Instant::now(), cpu_ticks(pid));
-        let mut statuses = 0;
+        let mut answers = Latency::new();
         let mut last_sent = 0;
+        let mut peak_rss = 0f64;
+        let mut watch = tokio::time::interval(Duration::from_secs(1));
         while t0.elapsed() < Duration::from_secs(seconds) {
-            if let Ok(Some(s)) = watch.message().await {
-                statuses += 1;
-                last_sent = s.totals.map(|t| t.sent).unwrap_or(0);
+            watch.tick().await;
+            let asked = Instant::now();
+            match control.status(pb::StatusRequest {}).await {
+                Ok(s) => {
+                    answers.record_us(asked.elapsed().as_micros() as u64);
+                    last_sent = s.into_inner().totals.map(|t| t.sent).unwrap_or(0);
+                }
+                Err(e) => eprintln!("status: {}", e.message()),
             }
+            peak_rss = peak_rss.max(rss_mib(pid));
         }
         let ticks = cpu_ticks(pid) - c0;
         let hz = 100.0;
         let cores = ticks as f64 / hz / t0.elapsed().as_secs_f64();
+        let late = leases.late.load(Ordering::Relaxed);
         println!(
-            "coordinator: {agents} agents heartbeating every 1 s, {statuses} status pulls: {:.2} cores busy, RSS {:.0} MiB; totals at {last_sent} messages",
-            cores,
-            rss_mib(pid)
+            "coordinator: {agents} agents heartbeating every 1 s, {} status answers (p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms): {cores:.2} cores busy, RSS {peak_rss:.0} MiB at most; totals at {last_sent} messages",
+            answers.count(),
+            answers.quantile_ms(0.5),
+            answers.quantile_ms(0.99),
+            answers.max_ms(),
+        );
+        println!(
+            "leases: longest gap between two assignments {} ms; {} later than the {} s lease ({} of them before the measurement)",
+            leases.max_gap_ms.load(Ordering::Relaxed),
+            late,
+            LEASE.as_secs(),
+            late_before
         );
         let _ = stop_tx.send(true);
         for t in tasks {
             t.abort();
         }
+        format!(
+            "agents={agents} instances={instances} coord_cpu_cores={cores:.2} coord_rss_mib={peak_rss:.0} status_p99_ms={:.0} late_leases={late}",
+            answers.quantile_ms(0.99)
+        )
     });
     let _ = coord.kill();
     let _ = coord.wait();
+    let _ = std::fs::remove_dir_all(&state_dir);
+    println!("{summary}");
 }

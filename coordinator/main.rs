@@ -3,6 +3,7 @@
 
 mod backend;
 mod cli;
+mod control;
 mod drive;
 mod local;
 mod planning;

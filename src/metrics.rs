@@ -121,6 +121,14 @@ impl Latency {
         }
     }
 
+    fn to_v2(&self) -> Vec<u8> {
+        let mut buf = Vec::new();
+        match hdrhistogram::serialization::V2Serializer::new().serialize(&self.0, &mut buf) {
+            Ok(_) => buf,
+            Err(_) => Vec::new(),
+        }
+    }
+
     pub fn from_bytes(bytes: &[u8]) -> Result<Latency, MetricsError> {
         if bytes.is_empty() {
             return Ok(Latency::new());
@@ -134,6 +142,220 @@ impl Latency {
             .add(&h)
             .map_err(|e| MetricsError::Merge(format!("{e:?}")))?;
         Ok(out)
+    }
+}
+
+/// V2 encoding constants, as HdrHistogram defines them.
+const V2_COOKIE: u32 = 0x1c84_9303 | 0x10;
+const V2_DEFLATE_COOKIE: u32 = 0x1c84_9304 | 0x10;
+const V2_HEADER: usize = 40;
+
+/// A latency histogram as its nonzero buckets only, in `Latency`'s bucket layout: what the
+/// coordinator keeps and merges for thousands of instances, where a dense histogram (about
+/// 170 KB each) would not fit. Decodes and encodes the V2 format directly, so that merging
+/// costs no dense allocation per histogram.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Buckets {
+    /// (bucket index, count), by index, no zero counts.
+    counts: Vec<(u32, u64)>,
+}
+
+impl Buckets {
+    pub fn is_empty(&self) -> bool {
+        self.counts.is_empty()
+    }
+
+    /// Decodes V2 or V2 + deflate bytes (empty bytes: an empty histogram).
+    pub fn from_bytes(bytes: &[u8]) -> Result<Buckets, MetricsError> {
+        if bytes.is_empty() {
+            return Ok(Buckets::default());
+        }
+        let cookie = be_u32(bytes, 0)?;
+        if cookie == V2_DEFLATE_COOKIE {
+            use std::io::Read;
+            let mut raw = Vec::with_capacity(bytes.len() * 3);
+            flate2::read::ZlibDecoder::new(bytes.get(8..).unwrap_or_default())
+                .read_to_end(&mut raw)
+                .map_err(|e| MetricsError::Decode(e.to_string()))?;
+            return Self::from_v2(&raw);
+        }
+        Self::from_v2(bytes)
+    }
+
+    fn from_v2(b: &[u8]) -> Result<Buckets, MetricsError> {
+        if be_u32(b, 0)? != V2_COOKIE {
+            return Err(MetricsError::Decode("not a V2 histogram".into()));
+        }
+        let len = be_u32(b, 4)? as usize;
+        let offset = be_u32(b, 8)?;
+        let sigfig = be_u32(b, 12)?;
+        let lowest = u64::from(be_u32(b, 16)?) << 32 | u64::from(be_u32(b, 20)?);
+        if offset != 0 || sigfig != u32::from(SIGFIG) || lowest != LOWEST_US {
+            // Another layout: let the library re-home it into ours.
+            let l = Latency::from_bytes(b)?;
+            return Self::from_v2(&l.to_v2());
+        }
+        let payload = b
+            .get(V2_HEADER..V2_HEADER + len)
+            .ok_or_else(|| MetricsError::Decode("histogram is truncated".into()))?;
+        let mut counts = Vec::new();
+        let (mut at, mut index) = (0usize, 0u64);
+        while at < payload.len() {
+            let mut v = 0u64;
+            for i in 0..9 {
+                let byte = *payload
+                    .get(at)
+                    .ok_or_else(|| MetricsError::Decode("histogram is truncated".into()))?;
+                at += 1;
+                if i == 8 {
+                    v |= u64::from(byte) << 56;
+                    break;
+                }
+                v |= u64::from(byte & 0x7f) << (7 * i);
+                if byte & 0x80 == 0 {
+                    break;
+                }
+            }
+            let n = ((v >> 1) as i64) ^ -((v & 1) as i64);
+            if n < 0 {
+                index += n.unsigned_abs();
+            } else {
+                if n > 0 {
+                    let i = u32::try_from(index)
+                        .map_err(|_| MetricsError::Decode("histogram is too wide".into()))?;
+                    counts.push((i, n as u64));
+                }
+                index += 1;
+            }
+        }
+        Ok(Buckets { counts })
+    }
+
+    /// Adds `other` bucket-wise.
+    pub fn merge(&mut self, other: &Buckets) {
+        if other.counts.is_empty() {
+            return;
+        }
+        if self.counts.is_empty() {
+            self.counts = other.counts.clone();
+            return;
+        }
+        let mut out = Vec::with_capacity(self.counts.len().max(other.counts.len()));
+        let (mut a, mut b) = (
+            self.counts.iter().peekable(),
+            other.counts.iter().peekable(),
+        );
+        loop {
+            match (a.peek(), b.peek()) {
+                (Some(&&(i, x)), Some(&&(j, y))) => {
+                    if i == j {
+                        out.push((i, x.saturating_add(y)));
+                        a.next();
+                        b.next();
+                    } else if i < j {
+                        out.push((i, x));
+                        a.next();
+                    } else {
+                        out.push((j, y));
+                        b.next();
+                    }
+                }
+                (Some(&&e), None) => {
+                    out.push(e);
+                    a.next();
+                }
+                (None, Some(&&e)) => {
+                    out.push(e);
+                    b.next();
+                }
+                (None, None) => break,
+            }
+        }
+        self.counts = out;
+    }
+
+    /// The uncompressed V2 encoding (which `Latency::from_bytes` reads like the deflated one):
+    /// cheap to make for every agent on every status.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(V2_HEADER + self.counts.len() * 3 + 8);
+        out.extend_from_slice(&V2_COOKIE.to_be_bytes());
+        out.extend_from_slice(&0u32.to_be_bytes());
+        out.extend_from_slice(&0u32.to_be_bytes());
+        out.extend_from_slice(&u32::from(SIGFIG).to_be_bytes());
+        out.extend_from_slice(&LOWEST_US.to_be_bytes());
+        out.extend_from_slice(&HIGHEST_US.to_be_bytes());
+        out.extend_from_slice(&1.0f64.to_be_bytes());
+        let mut next = 0u32;
+        for &(i, c) in &self.counts {
+            match i - next {
+                0 => {}
+                1 => varint(&mut out, 0),
+                gap => varint(&mut out, zig_zag(-i64::from(gap))),
+            }
+            varint(&mut out, zig_zag(c.min(i64::MAX as u64) as i64));
+            next = i + 1;
+        }
+        if self.counts.is_empty() {
+            varint(&mut out, 0);
+        }
+        let len = (out.len() - V2_HEADER) as u32;
+        out[4..8].copy_from_slice(&len.to_be_bytes());
+        out
+    }
+}
+
+fn be_u32(b: &[u8], at: usize) -> Result<u32, MetricsError> {
+    b.get(at..at + 4)
+        .and_then(|s| <[u8; 4]>::try_from(s).ok())
+        .map(u32::from_be_bytes)
+        .ok_or_else(|| MetricsError::Decode("histogram is truncated".into()))
+}
+
+fn zig_zag(n: i64) -> u64 {
+    ((n << 1) ^ (n >> 63)) as u64
+}
+
+fn varint(out: &mut Vec<u8>, mut v: u64) {
+    for _ in 0..8 {
+        if v < 0x80 {
+            out.push(v as u8);
+            return;
+        }
+        out.push(0x80 | (v & 0x7f) as u8);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// Adds many `Buckets` bucket-wise: one dense array of counts, however many are added.
+#[derive(Debug, Default)]
+pub struct BucketSum {
+    dense: Vec<u64>,
+}
+
+impl BucketSum {
+    pub fn add(&mut self, b: &Buckets) {
+        if let Some(&(top, _)) = b.counts.last() {
+            if self.dense.len() <= top as usize {
+                self.dense.resize(top as usize + 1, 0);
+            }
+        }
+        for &(i, c) in &b.counts {
+            let slot = &mut self.dense[i as usize];
+            *slot = slot.saturating_add(c);
+        }
+    }
+
+    pub fn finish(&self) -> Buckets {
+        Buckets {
+            counts: self
+                .dense
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| **c > 0)
+                .map(|(i, c)| (i as u32, *c))
+                .collect(),
+        }
     }
 }
 
@@ -295,6 +517,73 @@ impl SimReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    fn latency_of(values: &[u64]) -> Latency {
+        let mut l = Latency::new();
+        for v in values {
+            l.record_us(*v);
+        }
+        l
+    }
+
+    proptest! {
+        /// What the coordinator merges from buckets is exactly what merging every full
+        /// histogram gives: same counts, same percentiles.
+        #[test]
+        fn buckets_merge_exactly_like_full_histograms(
+            hists in proptest::collection::vec(
+                proptest::collection::vec(prop_oneof![1u64..3000, 1u64..700_000_000], 0..200),
+                0..6,
+            )
+        ) {
+            let mut full = Latency::new();
+            let mut sum = BucketSum::default();
+            let mut merged_pairwise = Buckets::default();
+            for values in &hists {
+                let l = latency_of(values);
+                full.merge(&l).unwrap();
+                let b = Buckets::from_bytes(&l.to_bytes()).unwrap();
+                prop_assert_eq!(Latency::from_bytes(&b.to_bytes()).unwrap(), l.clone());
+                sum.add(&b);
+                merged_pairwise.merge(&b);
+            }
+            prop_assert_eq!(&merged_pairwise, &sum.finish());
+            let merged = Latency::from_bytes(&sum.finish().to_bytes()).unwrap();
+            prop_assert_eq!(merged.count(), full.count());
+            for q in [0.5, 0.9, 0.99, 0.999, 1.0] {
+                prop_assert_eq!(merged.quantile_ms(q), full.quantile_ms(q));
+            }
+            prop_assert_eq!(merged, full);
+        }
+    }
+
+    #[test]
+    fn buckets_read_empty_uncompressed_and_foreign_layouts() {
+        assert!(Buckets::from_bytes(&[]).unwrap().is_empty());
+        let empty = Latency::new();
+        assert!(Buckets::from_bytes(&empty.to_bytes()).unwrap().is_empty());
+        assert_eq!(
+            Latency::from_bytes(&Buckets::default().to_bytes()).unwrap(),
+            empty
+        );
+        let l = latency_of(&[5, 900, 12_345]);
+        assert_eq!(
+            Buckets::from_bytes(&l.to_v2()).unwrap(),
+            Buckets::from_bytes(&l.to_bytes()).unwrap()
+        );
+        // Two significant digits: re-homed into the standard layout.
+        let mut h = Histogram::<u64>::new_with_bounds(1, 1_000_000, 2).unwrap();
+        h.record(1500).unwrap();
+        let mut bytes = Vec::new();
+        V2DeflateSerializer::new()
+            .serialize(&h, &mut bytes)
+            .unwrap();
+        let b = Latency::from_bytes(&Buckets::from_bytes(&bytes).unwrap().to_bytes()).unwrap();
+        assert_eq!(b.count(), 1);
+        assert!(Buckets::from_bytes(&[1, 2, 3]).is_err());
+        assert!(Buckets::from_bytes(&l.to_bytes()[..20]).is_err());
+    }
 
     #[test]
     fn tally_files_of_both_sizes_read() {
