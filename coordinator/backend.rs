@@ -9,7 +9,7 @@ use redis::Value;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
-use vtox::backlog::{self, parse_entries_added, parse_groups, parse_stream_info, text, Sample};
+use vtox::backlog::{self, parse_entries_added, parse_groups, text, Sample};
 use vtox::duration::parse_duration;
 use vtox::redis_url::shown;
 use vtox::score::{Diagnosis, Raw, Scorecard, Truth};
@@ -109,29 +109,21 @@ impl BackendRedis {
     pub async fn sample(&mut self) -> Result<Sample> {
         let at_s = unix_now();
         let raw = self.raw.clone();
-        let (raw_len, info, groups) = if self.exists(&raw).await? {
+        let (raw_len, raw_added, groups) = if self.exists(&raw).await? {
             let len: u64 = call(&mut self.con, redis::cmd("XLEN").arg(&raw)).await?;
             let info: Value =
                 call(&mut self.con, redis::cmd("XINFO").arg("STREAM").arg(&raw)).await?;
             let g: Value = call(&mut self.con, redis::cmd("XINFO").arg("GROUPS").arg(&raw)).await?;
-            (len, parse_stream_info(&info), parse_groups(&g))
+            (len, parse_entries_added(&info), parse_groups(&g))
         } else {
-            (
-                0,
-                backlog::StreamInfo {
-                    entries_added: Some(0),
-                    first_id: None,
-                },
-                Vec::new(),
-            )
+            (0, Some(0), Vec::new())
         };
         let results = self.results.clone();
         let results_added = self.stream_added(&results).await?;
         let mut sample = Sample {
             at_s,
             raw_len,
-            raw_added: info.entries_added,
-            raw_first: info.first_id,
+            raw_added,
             results_added,
             groups,
         };

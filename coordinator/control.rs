@@ -707,11 +707,7 @@ impl Control {
                 instances: planned
                     .iter()
                     .flat_map(|a| a.instances.iter())
-                    .map(|i| pb::InstanceSpec {
-                        index: i.index,
-                        first_vehicle: i.first_vehicle,
-                        vehicles: i.vehicles,
-                    })
+                    .map(pb::InstanceSpec::from)
                     .collect(),
             },
             _ => pb::Assignment {
@@ -758,11 +754,7 @@ impl Control {
                                     .filter(|p| p.to == a.name)
                                     .map(|p| &p.instance),
                             )
-                            .map(|i| pb::InstanceSpec {
-                                index: i.index,
-                                first_vehicle: i.first_vehicle,
-                                vehicles: i.vehicles,
-                            })
+                            .map(pb::InstanceSpec::from)
                             .collect(),
                     })
                     .collect(),
@@ -789,15 +781,7 @@ impl Control {
                         vehicles: a.instances.iter().map(|i| i.vehicles).sum(),
                         name: a.name,
                         max_vehicles: a.max_vehicles,
-                        instances: a
-                            .instances
-                            .into_iter()
-                            .map(|i| InstanceRange {
-                                index: i.index,
-                                first_vehicle: i.first_vehicle,
-                                vehicles: i.vehicles,
-                            })
-                            .collect(),
+                        instances: a.instances.iter().map(InstanceRange::from).collect(),
                     })
                     .collect(),
             },

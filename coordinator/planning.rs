@@ -157,15 +157,7 @@ pub fn plan_hosts(
                 max_vehicles: e.max_vehicles,
                 recommended_vehicles: e.recommended_vehicles,
                 limited_by: e.limited_by.to_string(),
-                instances: a
-                    .instances
-                    .iter()
-                    .map(|i| pb::InstanceSpec {
-                        index: i.index,
-                        first_vehicle: i.first_vehicle,
-                        vehicles: i.vehicles,
-                    })
-                    .collect(),
+                instances: a.instances.iter().map(pb::InstanceSpec::from).collect(),
             })
             .collect(),
         total_vehicles: plan.vehicles,

@@ -123,8 +123,6 @@ pub struct Sample {
     pub raw_len: u64,
     /// Entries ever added to the raw stream (0 while it does not exist; None before Redis 7).
     pub raw_added: Option<u64>,
-    /// The raw stream's first entry now (None while it is empty).
-    pub raw_first: Option<StreamId>,
     pub results_added: Option<u64>,
     pub groups: Vec<GroupSample>,
 }
@@ -452,35 +450,9 @@ pub fn parse_groups(reply: &Value) -> Vec<GroupSample> {
         .collect()
 }
 
-/// What an `XINFO STREAM` reply says of the stream's counters.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct StreamInfo {
-    /// Entries ever added (None before Redis 7).
-    pub entries_added: Option<u64>,
-    /// The first entry's ID (None while the stream is empty).
-    pub first_id: Option<StreamId>,
-}
-
-/// Parses an `XINFO STREAM` reply.
-pub fn parse_stream_info(reply: &Value) -> StreamInfo {
-    let p = pairs(reply);
-    // `first-entry` is the whole entry, [id, fields]; its ID is all that is needed.
-    let first_id = match field(&p, "first-entry") {
-        Some(Value::Array(entry)) => entry
-            .first()
-            .and_then(text)
-            .and_then(|s| StreamId::parse(&s)),
-        _ => None,
-    };
-    StreamInfo {
-        entries_added: field(&p, "entries-added").and_then(number),
-        first_id,
-    }
-}
-
 /// `entries-added` of an `XINFO STREAM` reply (None before Redis 7).
 pub fn parse_entries_added(reply: &Value) -> Option<u64> {
-    parse_stream_info(reply).entries_added
+    field(&pairs(reply), "entries-added").and_then(number)
 }
 
 #[cfg(test)]
@@ -513,7 +485,6 @@ mod tests {
             at_s: t,
             raw_len: len,
             raw_added: Some(added),
-            raw_first: Some(StreamId(added - len + 1, 0)),
             results_added: Some(added * 5),
             groups,
         };
@@ -592,7 +563,8 @@ mod tests {
                 )
             })
             .collect();
-        let w = window(&series(samples), 0.1).unwrap();
+        let samples = series(samples);
+        let w = window(&samples, 0.1).unwrap();
         assert_eq!(w.ingest_msgs_per_s, Some(160.0));
         assert_eq!(w.results_per_s, Some(800.0));
         let slow = &w.groups[1];
@@ -608,17 +580,8 @@ mod tests {
         let t = w.table();
         assert!(t.contains("GROWING +60.0/s") && t.contains("steady"), "{t}");
         // A generous tolerance (50% of 160/s = 80/s) lets it pass.
-        let lenient = window(&w_samples_again(), 0.5).unwrap();
+        let lenient = window(&samples, 0.5).unwrap();
         assert!(lenient.falling_behind.is_empty());
-    }
-
-    fn w_samples_again() -> Vec<Sample> {
-        (0..=10)
-            .map(|i| {
-                let added = 1000 + 160 * i;
-                sample(i as f64, added, vec![group("slow", 10, 1000 + 100 * i)])
-            })
-            .collect()
     }
 
     #[test]
@@ -791,13 +754,7 @@ mod tests {
             bulk("first-entry"),
             Value::Array(vec![bulk("17-3"), Value::Array(vec![bulk("f"), bulk("v")])]),
         ]);
-        assert_eq!(
-            parse_stream_info(&stream),
-            StreamInfo {
-                entries_added: Some(42),
-                first_id: Some(StreamId(17, 3)),
-            }
-        );
+        assert_eq!(parse_entries_added(&stream), Some(42));
         assert_eq!(parse_entries_added(&Value::Array(vec![])), None);
     }
 }
