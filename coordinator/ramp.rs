@@ -450,6 +450,8 @@ async fn run_step(
     bar.set_prefix(format!("{n} vehicles"));
     let mut prev: Option<(f64, u64, u64, Latency)> = None;
     let (mut window_from, mut window_to) = (0.0, 0.0);
+    // The backend's streams are judged while the schedules run, not as the fleet winds down.
+    let schedule_end = 1.0 + (a.warmup + measured).as_secs_f64();
     let watched = drive::watch_run(
         client,
         url,
@@ -487,9 +489,9 @@ async fn run_step(
                 track_hosts(&mut hosts, s);
                 peak_connections = peak_connections.max(connections(s));
                 max_lag_ms = max_lag_ms.max(t.max_lag_ms);
-                // The backend's streams are judged while the fleet drives, not as it winds
-                // down.
-                window_to = unix_now();
+                if s.elapsed_s <= schedule_end {
+                    window_to = unix_now();
+                }
             }
         },
     )
@@ -514,10 +516,19 @@ async fn run_step(
         start.totals.unwrap_or_default(),
         end.totals.unwrap_or_default(),
     );
-    let window = (end.elapsed_s - start.elapsed_s)
-        .max(0.001)
-        .min(measured.as_secs_f64() + 1.0)
-        .max(1.0);
+    // The counters' own clock (the simulators' elapsed time when they were sampled) times
+    // the window: statuses are taken every half second but counters move once a heartbeat,
+    // so two statuses a second apart can hold zero or two heartbeats' worth of messages, and
+    // a final status that comes late (a busy host) would add time in which nothing was sent.
+    let sampled = t1.elapsed_s - t0.elapsed_s;
+    let window = if sampled >= 0.5 {
+        sampled
+    } else {
+        (end.elapsed_s - start.elapsed_s)
+            .max(0.001)
+            .min(measured.as_secs_f64() + 1.0)
+            .max(1.0)
+    };
     let done = (t1.accepted + t1.failed).saturating_sub(t0.accepted + t0.failed);
     let accepted = t1.accepted.saturating_sub(t0.accepted);
     let lat = Latency::from_bytes(&t1.latency_hdr)

@@ -67,8 +67,9 @@ struct Args {
     /// Wait this long before answering every ingest request (e.g. 500ms, 3s): a slow backend.
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     delay: Option<Duration>,
-    /// Answer at most this many ingest requests per second with 200; the rest get 503 (a
-    /// backend with a known limit, for ramp tests).
+    /// Answer at most this many ingest requests per second with 200 (a token bucket with a
+    /// tenth of a second of burst); the rest get 503: a backend with a known limit. 0 refuses
+    /// every request.
     #[arg(long, value_name = "N")]
     max_rps: Option<u64>,
     /// Log format on stderr (level from RUST_LOG, default info).
@@ -140,8 +141,8 @@ struct App {
     token: Option<String>,
     delay: Option<Duration>,
     redis: Option<RedisSink>,
-    /// (--max-rps, (current whole second since start, requests answered in it)).
-    limit: Option<(u64, Mutex<(u64, u64)>)>,
+    /// --max-rps.
+    limit: Option<Mutex<vtox::sink::Admission>>,
 }
 
 impl App {
@@ -193,15 +194,12 @@ async fn ingest(
     if let Some(d) = app.delay {
         tokio::time::sleep(d).await;
     }
-    if let Some((max, window)) = &app.limit {
-        let second = app.started.elapsed().as_secs();
-        let mut w = window.lock().unwrap_or_else(|e| e.into_inner());
-        if w.0 != second {
-            *w = (second, 0);
-        }
-        w.1 += 1;
-        if w.1 > *max {
-            drop(w);
+    if let Some(limit) = &app.limit {
+        let admitted = limit
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .admit(app.started.elapsed());
+        if !admitted {
             return (
                 StatusCode::SERVICE_UNAVAILABLE,
                 Json(serde_json::json!({"detail": "over --max-rps"})),
@@ -381,7 +379,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         token: args.token.filter(|t| !t.is_empty()),
         delay: args.delay.filter(|d| !d.is_zero()),
         redis,
-        limit: args.max_rps.map(|m| (m, Mutex::new((0, 0)))),
+        limit: args
+            .max_rps
+            .map(|m| Mutex::new(vtox::sink::Admission::new(m))),
     });
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

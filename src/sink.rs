@@ -669,6 +669,48 @@ impl SinkStats {
     }
 }
 
+/// `--max-rps` as a token bucket: `rate` answers a second, at most a tenth of a second's
+/// worth at once. A fixed one-second window would let twice the rate through across a window
+/// boundary, which a short ramp step measures as a backend faster than its limit.
+#[derive(Debug, Clone)]
+pub struct Admission {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Duration,
+}
+
+impl Admission {
+    pub fn new(rate: u64) -> Admission {
+        let rate = rate as f64;
+        // 0 refuses everything: a backend that answers, but never with 200.
+        let burst = if rate > 0.0 {
+            (rate / 10.0).max(1.0)
+        } else {
+            0.0
+        };
+        Admission {
+            rate,
+            burst,
+            tokens: burst,
+            last: Duration::ZERO,
+        }
+    }
+
+    /// True when a request arriving at `now` (time since the sink started) is admitted.
+    pub fn admit(&mut self, now: Duration) -> bool {
+        let dt = now.saturating_sub(self.last).as_secs_f64();
+        self.last = self.last.max(now);
+        self.tokens = (self.tokens + dt * self.rate).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1027,5 +1069,33 @@ mod tests {
         assert_eq!(snap.uptime_s, 7.0);
         assert_eq!(snap.since_reset_s, 2.0);
         assert!(st.vehicles().is_empty());
+    }
+
+    #[test]
+    fn admission_holds_the_rate_over_any_second() {
+        let mut a = Admission::new(150);
+        // 1,000 requests a second for 5 s, one every millisecond.
+        let admitted: Vec<u64> = (0..5000u64)
+            .filter(|ms| a.admit(Duration::from_millis(*ms)))
+            .collect();
+        // Every one-second window, wherever it starts, holds the rate plus at most the burst.
+        for start in (0..4000).step_by(37) {
+            let n = admitted
+                .iter()
+                .filter(|t| (start..start + 1000).contains(*t))
+                .count();
+            assert!((149..=166).contains(&n), "{n} in [{start}, +1000) ms");
+        }
+    }
+
+    #[test]
+    fn admission_lets_a_slow_client_through_every_time() {
+        let mut a = Admission::new(10);
+        assert!((0..50).all(|i| a.admit(Duration::from_millis(200 * i))));
+        let mut none = Admission::new(0);
+        assert!((0..100).all(|i| !none.admit(Duration::from_millis(100 * i))));
+        // Times that go back refill nothing: the bucket (one token) is spent after one.
+        assert!(a.admit(Duration::from_millis(20_000)));
+        assert!(!a.admit(Duration::from_millis(1)));
     }
 }

@@ -285,15 +285,33 @@ impl RedisServer {
             eprintln!("skipping: redis-server is not installed (apt-get install redis-server)");
             return None;
         }
-        let mut r = RedisServer {
-            port: free_port(),
-            proc: None,
-        };
-        r.start();
-        Some(r)
+        // A port from free_port() is only probably free: a parallel test can take it before
+        // redis-server binds. A server that could not bind exits, so retry on a new port.
+        for _ in 0..5 {
+            let mut r = RedisServer {
+                port: free_port(),
+                proc: None,
+            };
+            if r.try_start() {
+                return Some(r);
+            }
+        }
+        panic!("redis-server did not start on any of five free ports");
     }
 
+    /// Starts (or restarts) the server on its port; panics when it does not come up.
     pub fn start(&mut self) {
+        assert!(
+            self.try_start(),
+            "redis-server did not start on {}",
+            self.addr()
+        );
+    }
+
+    /// True once this server answers PING. Checking the answer, not only that the port
+    /// accepts connections, keeps another process that briefly listens there (or a TCP
+    /// self-connect on an ephemeral port) from passing for redis.
+    fn try_start(&mut self) -> bool {
         let child = Command::new("redis-server")
             .args([
                 "--port",
@@ -308,11 +326,25 @@ impl RedisServer {
             .stdout(Stdio::null())
             .spawn()
             .expect("spawn redis-server");
-        self.proc = Some(Proc {
+        let mut proc = Proc {
             child,
             name: "redis-server".into(),
-        });
-        wait_listening(&self.addr(), Duration::from_secs(10));
+        };
+        let end = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < end {
+            if proc.child.try_wait().ok().flatten().is_some() {
+                return false;
+            }
+            let pong = redis::Client::open(self.url())
+                .and_then(|c| c.get_connection_with_timeout(Duration::from_secs(1)))
+                .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c));
+            if pong.is_ok_and(|p| p == "PONG") {
+                self.proc = Some(proc);
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
     }
 
     pub fn stop(&mut self) {
