@@ -26,6 +26,9 @@ use vtox::wire::pb::{
     self, agent_service_server::AgentServiceServer, control_service_client::ControlServiceClient,
 };
 
+/// Largest reply the CLI accepts from the coordinator.
+const STATUS_MAX_BYTES: usize = 256 << 20;
+
 /// Backlog samples a run keeps (one a second): its summary judges the last minute.
 const RUN_SAMPLES: usize = 60;
 /// Seconds of samples behind the live views' backlog trend.
@@ -50,6 +53,32 @@ pub type ControlClient = ControlServiceClient<
     tonic::service::interceptor::InterceptedService<Channel, vtox::auth::Bearer>,
 >;
 
+impl ServeArgs {
+    /// `serve`'s defaults, for the coordinator that `--local` runs in-process.
+    pub fn defaults() -> Result<ServeArgs> {
+        #[derive(clap::Parser)]
+        struct Only {
+            #[command(flatten)]
+            serve: ServeArgs,
+        }
+        use clap::Parser as _;
+        Ok(Only::try_parse_from(["vtox-coord"])
+            .map_err(|e| anyhow!("serve's defaults: {e}"))?
+            .serve)
+    }
+
+    pub fn settings(&self) -> Settings {
+        Settings {
+            lease: self.lease,
+            heartbeat: self.heartbeat,
+            grace: self.grace,
+            state_dir: self.state_dir.clone(),
+            max_agents: self.max_agents,
+            max_join_rate: self.max_join_rate,
+        }
+    }
+}
+
 pub async fn serve(a: ServeArgs) -> Result<()> {
     if !a.listen.ip().is_loopback() && token().is_none() && !a.insecure {
         bail!(
@@ -60,15 +89,7 @@ pub async fn serve(a: ServeArgs) -> Result<()> {
     let listener = TcpListener::bind(a.listen)
         .await
         .with_context(|| format!("cannot listen on {}", a.listen))?;
-    let coord = Coordinator::new(Settings {
-        lease: a.lease,
-        heartbeat: a.heartbeat,
-        grace: a.grace,
-        state_dir: a.state_dir.clone(),
-        max_agents: a.max_agents,
-        max_join_rate: a.max_join_rate,
-    })
-    .map_err(|e| anyhow!(e))?;
+    let coord = Coordinator::new(a.settings()).map_err(|e| anyhow!(e))?;
     if let Some(addr) = a.metrics_listen {
         let c = coord.clone();
         vtox::process::serve_metrics(addr, move || {
@@ -157,7 +178,9 @@ pub async fn connect(url: &str) -> Result<ControlClient> {
         .await
         .map_err(|e| anyhow!("cannot reach the coordinator at {url}: {}", root_cause(&e)))?;
     let bearer = vtox::auth::Bearer::new(token()).map_err(|e| anyhow!("token: {e}"))?;
-    Ok(ControlServiceClient::with_interceptor(channel, bearer))
+    // A status of 10,000 agents lists 20,000 instances: far beyond tonic's 4 MiB default.
+    Ok(ControlServiceClient::with_interceptor(channel, bearer)
+        .max_decoding_message_size(STATUS_MAX_BYTES))
 }
 
 fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
@@ -395,7 +418,7 @@ async fn drive(
         &mut shutdown,
         |status| {
             view.show(status, &backlog_view());
-            if status.state == "running" {
+            if status.state() == pb::RunState::Running {
                 driving_until = backend::unix_now();
             }
         },
@@ -405,7 +428,10 @@ async fn drive(
     if watched.interrupted {
         eprintln!("stopping the run");
         last = Some(drive::stop_and_settle(&mut client, &started.run_id).await?);
-    } else if last.as_ref().is_some_and(|s| s.state == "stopped") {
+    } else if last
+        .as_ref()
+        .is_some_and(|s| s.state() == pb::RunState::Stopped)
+    {
         // Stopped from elsewhere (`vtox-coord stop`): the last counts are still on their way.
         last = Some(drive::settled(&mut client, &started.run_id).await?);
     }

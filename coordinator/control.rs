@@ -91,19 +91,24 @@ pub enum RunState {
 }
 
 impl RunState {
-    fn parse(s: &str) -> RunState {
-        match s {
-            "running" => RunState::Running,
-            "finished" => RunState::Finished,
-            _ => RunState::Stopped,
+    /// A stored run's state; files from before the enum hold it as text.
+    fn restored(r: &pb::StoredRun) -> RunState {
+        let state = match r.run_state() {
+            pb::RunState::Idle => pb::RunState::from_legacy(&r.legacy_state),
+            s => s,
+        };
+        match state {
+            pb::RunState::Running => RunState::Running,
+            pb::RunState::Finished => RunState::Finished,
+            pb::RunState::Stopped | pb::RunState::Idle => RunState::Stopped,
         }
     }
 
-    pub fn as_str(self) -> &'static str {
+    pub fn wire(self) -> pb::RunState {
         match self {
-            RunState::Running => "running",
-            RunState::Finished => "finished",
-            RunState::Stopped => "stopped",
+            RunState::Running => pb::RunState::Running,
+            RunState::Finished => pb::RunState::Finished,
+            RunState::Stopped => pb::RunState::Stopped,
         }
     }
 }
@@ -733,7 +738,8 @@ impl Control {
             incarnations,
             run: self.run.as_ref().map(|r| pb::StoredRun {
                 id: r.id.clone(),
-                state: r.state.as_str().into(),
+                legacy_state: String::new(),
+                run_state: r.state.wire().into(),
                 spec: Some(r.spec.clone()),
                 params: Some(r.params),
                 agents: r
@@ -768,8 +774,8 @@ impl Control {
     /// A coordinator resuming what `stored` kept.
     pub fn restore(limits: Limits, stored: pb::StoredState, now: Now) -> Control {
         let run = stored.run.map(|r| Run {
+            state: RunState::restored(&r),
             id: r.id,
-            state: RunState::parse(&r.state),
             spec: r.spec.unwrap_or_default(),
             params: r.params.unwrap_or_default(),
             plan: Plan {
@@ -929,7 +935,7 @@ impl Control {
         StatusSnapshot {
             run: Some(RunHead {
                 run_id: run.id.clone(),
-                state: run.state.as_str(),
+                state: run.state.wire(),
                 vehicles: run.plan.vehicles,
                 elapsed_s: (end - run.started).max(0.0),
                 spec: run.spec.clone(),
@@ -949,7 +955,7 @@ impl Control {
 
 struct RunHead {
     run_id: String,
-    state: &'static str,
+    state: pb::RunState,
     vehicles: u64,
     elapsed_s: f64,
     spec: pb::RunSpec,
@@ -986,10 +992,7 @@ impl StatusSnapshot {
     /// whose reports did not change since the last render reuses its merged histogram).
     pub fn render(self, cache: &mut MergedCache) -> pb::RunStatus {
         let Some(head) = self.run else {
-            return pb::RunStatus {
-                state: "idle".into(),
-                ..Default::default()
-            };
+            return pb::RunStatus::default();
         };
         let mut totals = pb::Counters::default();
         let mut fleet = BucketSum::default();
@@ -1290,6 +1293,27 @@ mod tests {
     }
 
     #[test]
+    fn a_state_file_from_before_the_run_state_enum_still_resumes_its_run() {
+        let clock = Clock::new();
+        let mut c = Control::new(limits(), clock.now());
+        connect(&mut c, "a", 300, clock.now());
+        start(&mut c, 100, clock.now());
+        let bytes = c.take_write(clock.now()).unwrap();
+        let mut stored = <pb::StoredState as prost::Message>::decode(bytes.as_slice()).unwrap();
+        for (legacy, expect) in [
+            ("running", pb::RunState::Running),
+            ("stopped", pb::RunState::Stopped),
+            ("finished", pb::RunState::Finished),
+        ] {
+            let run = stored.run.as_mut().unwrap();
+            run.run_state = 0;
+            run.legacy_state = legacy.into();
+            let r = Control::restore(limits(), stored.clone(), clock.now());
+            assert_eq!(r.status(clock.now()).state(), expect, "{legacy}");
+        }
+    }
+
+    #[test]
     fn a_restore_keeps_the_run_and_its_counts() {
         let clock = Clock::new();
         let mut c = Control::new(limits(), clock.now());
@@ -1319,7 +1343,7 @@ mod tests {
         let r = Control::restore(limits(), stored, clock.now());
         let s = r.status(clock.now());
         assert_eq!(s.run_id, run_id);
-        assert_eq!(s.state, "running");
+        assert_eq!(s.state(), pb::RunState::Running);
         assert_eq!(s.totals.unwrap().accepted, 9);
         assert_eq!(s.agents[0].instances_planned, 2);
     }
@@ -1492,7 +1516,7 @@ mod tests {
         };
         let _ = c.heartbeat("a", hb, now);
         let _ = c.tick(now);
-        assert_eq!(c.status(now).state, "finished");
+        assert_eq!(c.status(now).state(), pb::RunState::Finished);
     }
 
     #[derive(Debug, Clone)]

@@ -257,7 +257,7 @@ pub async fn watch_run(
                                 bail!("the coordinator no longer has run {run_id} (it was restarted without --state-dir, or another run started)");
                             }
                             each(&status);
-                            let done = status.state != "running";
+                            let done = status.state() != pb::RunState::Running;
                             last = Some(status);
                             if done {
                                 return Ok(Watched { last, interrupted: false });

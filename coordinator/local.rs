@@ -1,7 +1,7 @@
 //! `run --local`: a coordinator (in this process), one agent and, without `--target`, a
 //! `vtox-sink`, all on free loopback ports; every process is stopped when the run ends.
 
-use crate::server::{Coordinator, Settings};
+use crate::server::Coordinator;
 use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -47,22 +47,16 @@ pub async fn start(target: Option<String>) -> Result<LocalCluster> {
         .await
         .context("cannot listen on loopback")?;
     let addr = listener.local_addr()?;
-    let coord = Coordinator::new(Settings {
-        lease: Duration::from_secs(5),
-        heartbeat: Duration::from_secs(1),
-        grace: Duration::from_secs(3),
-        state_dir: None,
-        max_agents: 16,
-        max_join_rate: 100,
-    })
-    .map_err(|e| anyhow::anyhow!(e))?;
+    // `serve`'s own defaults, so that a local run behaves like a served one.
+    let serve = crate::ServeArgs::defaults()?;
+    let coord = Coordinator::new(serve.settings()).map_err(|e| anyhow::anyhow!(e))?;
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let server = tokio::spawn(crate::cli::serve_on(
         listener,
         coord,
         vtox::auth::Check::default(),
         None,
-        4 << 20,
+        serve.max_message_bytes,
         async {
             let _ = stop_rx.await;
         },

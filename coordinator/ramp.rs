@@ -478,7 +478,7 @@ async fn run_step(
                 });
             }
             prev = Some((s.elapsed_s, done, t.failed, lat));
-            let running = s.state == "running";
+            let running = s.state() == pb::RunState::Running;
             // The run's clock starts a second before its schedules (see Start).
             let measuring = s.elapsed_s >= a.warmup.as_secs_f64() + 1.0;
             if measuring && start.is_none() {

@@ -177,7 +177,13 @@ impl LiveView {
         let _ = writeln!(
             text,
             "{} {:.0}s  sent {}  accepted {}  failed {}  dropped {}  unassigned vehicles {}",
-            s.state, s.elapsed_s, t.sent, t.accepted, t.failed, t.dropped, s.unassigned_vehicles
+            s.state().name(),
+            s.elapsed_s,
+            t.sent,
+            t.accepted,
+            t.failed,
+            t.dropped,
+            s.unassigned_vehicles
         );
         text.push_str(extra);
         let mut err = std::io::stderr().lock();
@@ -215,7 +221,7 @@ pub(crate) fn summary(s: &pb::RunStatus) -> String {
         out,
         "run {} {} after {:.1} s: {} vehicles on {} in {}",
         s.run_id,
-        s.state,
+        s.state().name(),
         s.elapsed_s,
         s.vehicles,
         plural(s.agents.len() as u64, "agent"),
@@ -317,7 +323,7 @@ pub(crate) fn phase_name(p: i32) -> &'static str {
 pub(crate) fn status_json(s: &pb::RunStatus) -> Value {
     json!({
         "run_id": s.run_id,
-        "state": s.state,
+        "state": s.state().name(),
         "vehicles": s.vehicles,
         "elapsed_s": s.elapsed_s,
         "target": s.spec.as_ref().map(|x| x.target.clone()),
@@ -354,7 +360,7 @@ mod tests {
     fn the_summary_names_failures_by_cause_and_only_when_there_are_some() {
         let mut s = pb::RunStatus {
             run_id: "run-1".into(),
-            state: "finished".into(),
+            state: pb::RunState::Finished.into(),
             vehicles: 50,
             agents: vec![pb::AgentStatus {
                 instances_planned: 1,

@@ -126,7 +126,7 @@ impl Coordinator {
                     if let Some(run) = restored.run() {
                         tracing::info!(
                             run = run.id,
-                            state = run.state.as_str(),
+                            state = run.state.wire().name(),
                             "resumed from {}",
                             path.display()
                         );

@@ -9,6 +9,28 @@ use crate::metrics::SimReport;
 use crate::plan::InstanceRange;
 use base64::Engine as _;
 
+impl pb::RunState {
+    /// The name users read in tables, JSON and reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            pb::RunState::Idle => "idle",
+            pb::RunState::Running => "running",
+            pb::RunState::Stopped => "stopped",
+            pb::RunState::Finished => "finished",
+        }
+    }
+
+    /// The state a state file written before the enum existed stored as text.
+    pub fn from_legacy(name: &str) -> pb::RunState {
+        match name {
+            "running" => pb::RunState::Running,
+            "finished" => pb::RunState::Finished,
+            "" | "idle" => pb::RunState::Idle,
+            _ => pb::RunState::Stopped,
+        }
+    }
+}
+
 /// The wire protocol's major version; a coordinator refuses agents that speak another.
 pub const PROTOCOL_MAJOR: u32 = 1;
 
@@ -107,6 +129,20 @@ impl From<&pb::InstanceSpec> for InstanceRange {
 mod tests {
     use super::*;
     use crate::metrics::{Failures, Latency};
+
+    #[test]
+    fn run_states_read_as_users_know_them_and_as_old_state_files_wrote_them() {
+        for s in [
+            pb::RunState::Idle,
+            pb::RunState::Running,
+            pb::RunState::Stopped,
+            pb::RunState::Finished,
+        ] {
+            assert_eq!(pb::RunState::from_legacy(s.name()), s);
+        }
+        assert_eq!(pb::RunStatus::default().state().name(), "idle");
+        assert_eq!(pb::RunState::from_legacy("paused"), pb::RunState::Stopped);
+    }
 
     #[test]
     fn instance_ranges_convert_both_ways() {
