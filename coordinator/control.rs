@@ -83,33 +83,15 @@ impl AgentEntry {
     }
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub enum RunState {
-    Running,
-    Finished,
-    Stopped,
-}
-
-impl RunState {
-    /// A stored run's state; files from before the enum hold it as text.
-    fn restored(r: &pb::StoredRun) -> RunState {
-        let state = match r.run_state() {
-            pb::RunState::Idle => pb::RunState::from_legacy(&r.legacy_state),
+/// A stored run's state; files from before the enum hold it as text. A run is never idle:
+/// a stored run without a state is taken as stopped.
+fn restored_state(r: &pb::StoredRun) -> pb::RunState {
+    match r.run_state() {
+        pb::RunState::Idle => match pb::RunState::from_legacy(&r.legacy_state) {
+            pb::RunState::Idle => pb::RunState::Stopped,
             s => s,
-        };
-        match state {
-            pb::RunState::Running => RunState::Running,
-            pb::RunState::Finished => RunState::Finished,
-            pb::RunState::Stopped | pb::RunState::Idle => RunState::Stopped,
-        }
-    }
-
-    pub fn wire(self) -> pb::RunState {
-        match self {
-            RunState::Running => pb::RunState::Running,
-            RunState::Finished => pb::RunState::Finished,
-            RunState::Stopped => pb::RunState::Stopped,
-        }
+        },
+        s => s,
     }
 }
 
@@ -120,7 +102,7 @@ pub struct Run {
     pub plan: Plan,
     /// Unix seconds: wall clock, so that it survives a restart.
     pub started: f64,
-    pub state: RunState,
+    pub state: pb::RunState,
     pub ended: Option<f64>,
     /// Instances between two agents: taken from the old one, given to the new one once the
     /// old one has had time to stop them (see `HANDOFF`).
@@ -226,7 +208,7 @@ impl Control {
     pub fn running(&self) -> bool {
         self.run
             .as_ref()
-            .is_some_and(|r| r.state == RunState::Running)
+            .is_some_and(|r| r.state == pb::RunState::Running)
     }
 
     fn bump_epoch(&mut self, now: Now) {
@@ -362,7 +344,7 @@ impl Control {
             self.bump_epoch(now);
         }
         let planned: HashMap<&str, &AgentAssignment> = match &self.run {
-            Some(run) if run.state == RunState::Running => run
+            Some(run) if run.state == pb::RunState::Running => run
                 .plan
                 .agents
                 .iter()
@@ -420,7 +402,11 @@ impl Control {
     ) -> Result<(pb::StartReply, Commands), String> {
         let params = req.params.unwrap_or_default();
         let mut spec = req.spec.unwrap_or_default();
-        if let Some(run) = self.run.as_ref().filter(|r| r.state == RunState::Running) {
+        if let Some(run) = self
+            .run
+            .as_ref()
+            .filter(|r| r.state == pb::RunState::Running)
+        {
             return Err(format!(
                 "run {} is in progress; stop it first (vtox-coord stop)",
                 run.id
@@ -452,7 +438,7 @@ impl Control {
             params,
             plan,
             started: now.unix_s(),
-            state: RunState::Running,
+            state: pb::RunState::Running,
             ended: None,
             parked: Vec::new(),
         });
@@ -471,8 +457,8 @@ impl Control {
     /// Stops the run; says whether one was running.
     pub fn stop(&mut self, now: Now) -> (bool, Commands) {
         let was_running = match &mut self.run {
-            Some(run) if run.state == RunState::Running => {
-                run.state = RunState::Stopped;
+            Some(run) if run.state == pb::RunState::Running => {
+                run.state = pb::RunState::Stopped;
                 run.ended = Some(now.unix_s());
                 tracing::info!(run = run.id, "run stopped");
                 true
@@ -609,7 +595,11 @@ impl Control {
             Some(a) => silent(a) > limit,
             None => now.mono.saturating_duration_since(born) > limit,
         };
-        let Some(run) = self.run.as_ref().filter(|r| r.state == RunState::Running) else {
+        let Some(run) = self
+            .run
+            .as_ref()
+            .filter(|r| r.state == pb::RunState::Running)
+        else {
             return false;
         };
         if !run
@@ -705,7 +695,7 @@ impl Control {
     /// The assignment of an agent with `planned` in the running plan (None: nothing to run).
     fn assignment_of(&self, planned: Option<&AgentAssignment>) -> pb::Assignment {
         match &self.run {
-            Some(run) if run.state == RunState::Running => pb::Assignment {
+            Some(run) if run.state == pb::RunState::Running => pb::Assignment {
                 epoch: self.epoch,
                 run_id: run.id.clone(),
                 spec: Some(run.spec.clone()),
@@ -739,7 +729,7 @@ impl Control {
             run: self.run.as_ref().map(|r| pb::StoredRun {
                 id: r.id.clone(),
                 legacy_state: String::new(),
-                run_state: r.state.wire().into(),
+                run_state: r.state.into(),
                 spec: Some(r.spec.clone()),
                 params: Some(r.params),
                 agents: r
@@ -774,7 +764,7 @@ impl Control {
     /// A coordinator resuming what `stored` kept.
     pub fn restore(limits: Limits, stored: pb::StoredState, now: Now) -> Control {
         let run = stored.run.map(|r| Run {
-            state: RunState::restored(&r),
+            state: restored_state(&r),
             id: r.id,
             spec: r.spec.unwrap_or_default(),
             params: r.params.unwrap_or_default(),
@@ -818,7 +808,7 @@ impl Control {
     /// or well after its end (an agent that vanished cannot hold the run open).
     fn update_run_state(&mut self, now: Now) {
         let Some(run) = &self.run else { return };
-        if run.state != RunState::Running || run.spec.duration_s <= 0.0 {
+        if run.state != pb::RunState::Running || run.spec.duration_s <= 0.0 {
             return;
         }
         let elapsed = now.unix_s() - run.spec.run_start;
@@ -837,7 +827,7 @@ impl Control {
         };
         if elapsed > run.spec.duration_s + 30.0 || all_exited() {
             if let Some(run) = &mut self.run {
-                run.state = RunState::Finished;
+                run.state = pb::RunState::Finished;
                 run.ended = Some(now.unix_s());
             }
             self.bump_epoch(now);
@@ -935,7 +925,7 @@ impl Control {
         StatusSnapshot {
             run: Some(RunHead {
                 run_id: run.id.clone(),
-                state: run.state.wire(),
+                state: run.state,
                 vehicles: run.plan.vehicles,
                 elapsed_s: (end - run.started).max(0.0),
                 spec: run.spec.clone(),

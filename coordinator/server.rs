@@ -126,7 +126,7 @@ impl Coordinator {
                     if let Some(run) = restored.run() {
                         tracing::info!(
                             run = run.id,
-                            state = run.state.wire().name(),
+                            state = run.state.name(),
                             "resumed from {}",
                             path.display()
                         );
