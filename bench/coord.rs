@@ -80,6 +80,7 @@ async fn light_agent(
     i: u64,
     stop: tokio::sync::watch::Receiver<bool>,
     leases: Arc<Leases>,
+    histograms: Arc<Vec<Vec<u8>>>,
 ) -> Result<(), String> {
     let channel = tonic::transport::Endpoint::from_shared(url)
         .map_err(|e| e.to_string())?
@@ -134,8 +135,8 @@ async fn light_agent(
     let mut last_assignment: Option<Instant> = None;
     let mut assignment = pb::Assignment::default();
     let mut tick = tokio::time::interval(Duration::from_millis(1000));
-    let mut latency = Latency::new();
     let mut sent = 0u64;
+    let mut ticks = 0usize;
     let started = Instant::now();
     loop {
         if *stop.borrow() {
@@ -162,10 +163,10 @@ async fn light_agent(
                 // Each of the agent's instances reports cumulative counters and its histogram.
                 let per = assignment.instances.iter().map(|x| x.vehicles).sum::<u64>().max(1);
                 sent += per;
-                for k in 0..per.min(50) {
-                    latency.record_us(800 + (i * 37 + k * 101 + sent) % 5000);
-                }
-                let hdr = latency.to_bytes();
+                // Histograms grow like those of simulators; encoding them is the agents' work,
+                // not the coordinator's, so they are made once for the whole bench.
+                ticks += 1;
+                let hdr = &histograms[(ticks + i as usize % 8).min(histograms.len() - 1)];
                 let instances = assignment.instances.iter().map(|x| pb::InstanceStatus {
                     run_id: assignment.run_id.clone(),
                     index: x.index,
@@ -257,11 +258,24 @@ fn main() {
         let leases = Arc::new(Leases::default());
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut tasks = Vec::new();
+        // Histograms as they grow second by second: 50 latencies more each time.
+        let seconds_in_all = 100 + 3 * agents / join_rate + seconds;
+        let mut latency = Latency::new();
+        let histograms: Arc<Vec<Vec<u8>>> = Arc::new(
+            (0..seconds_in_all)
+                .map(|t| {
+                    for k in 0..50 {
+                        latency.record_us(800 + (k * 101 + t * 37) % 5000);
+                    }
+                    latency.to_bytes()
+                })
+                .collect(),
+        );
         let joining = Instant::now();
         // Agents arrive at about the join rate, as hosts of a fleet coming up would.
         let batch = (join_rate / 10).max(1);
         for i in 0..agents {
-            tasks.push(tokio::spawn(light_agent(url.clone(), i, stop_rx.clone(), leases.clone())));
+            tasks.push(tokio::spawn(light_agent(url.clone(), i, stop_rx.clone(), leases.clone(), histograms.clone())));
             if i % batch == batch - 1 {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
@@ -279,6 +293,8 @@ fn main() {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+        let rss_no_run = rss_mib(pid);
+        println!("coordinator RSS with {agents} agents connected and no run: {rss_no_run:.0} MiB");
         let vehicles = agents * 100;
         let start = control
             .start(pb::StartRequest {
@@ -293,33 +309,64 @@ fn main() {
         // Let the assignments settle and every histogram arrive, then measure.
         tokio::time::sleep(Duration::from_secs(5)).await;
         let late_before = leases.late.load(Ordering::Relaxed);
+        println!("coordinator RSS with the run going, before anyone asked for a status: {:.0} MiB", rss_mib(pid));
         let (t0, c0) = (Instant::now(), cpu_ticks(pid));
-        let mut answers = Latency::new();
-        let mut last_sent = 0;
-        let mut peak_rss = 0f64;
-        let mut watch = tokio::time::interval(Duration::from_secs(1));
-        while t0.elapsed() < Duration::from_secs(seconds) {
-            watch.tick().await;
-            let asked = Instant::now();
-            match control.status(pb::StatusRequest {}).await {
-                Ok(s) => {
-                    answers.record_us(asked.elapsed().as_micros() as u64);
-                    last_sent = s.into_inner().totals.map(|t| t.sent).unwrap_or(0);
+        // The watcher is another process in real life (`vtox-coord status --watch`): it gets a
+        // runtime of its own, so that the light agents' work cannot delay its answers.
+        let watcher = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("watcher runtime");
+            rt.block_on(async move {
+                let mut control = ControlServiceClient::connect(url)
+                    .await
+                    .expect("watcher client")
+                    .max_decoding_message_size(1 << 30);
+                let mut answers = Latency::new();
+                let (mut last_sent, mut peak_rss, mut bytes) = (0, 0f64, 0usize);
+                let mut watch = tokio::time::interval(Duration::from_secs(1));
+                while t0.elapsed() < Duration::from_secs(seconds) {
+                    watch.tick().await;
+                    let asked = Instant::now();
+                    match control.status(pb::StatusRequest::default()).await {
+                        Ok(s) => {
+                            answers.record_us(asked.elapsed().as_micros() as u64);
+                            if answers.count() <= 3 || asked.elapsed() > Duration::from_millis(250) {
+                                eprintln!("status answer {} took {} ms", answers.count(), asked.elapsed().as_millis());
+                            }
+                            let s = s.into_inner();
+                            bytes = bytes.max(prost::Message::encoded_len(&s));
+                            last_sent = s.totals.map(|t| t.sent).unwrap_or(0);
+                        }
+                        Err(e) => eprintln!("status: {}", e.message()),
+                    }
+                    peak_rss = peak_rss.max(rss_mib(pid));
                 }
-                Err(e) => eprintln!("status: {}", e.message()),
-            }
-            peak_rss = peak_rss.max(rss_mib(pid));
-        }
+                (answers, last_sent, peak_rss, bytes)
+            })
+        });
+        let (answers, last_sent, peak_rss, status_bytes) =
+            tokio::task::spawn_blocking(move || watcher.join().expect("watcher"))
+                .await
+                .expect("watcher");
         let ticks = cpu_ticks(pid) - c0;
         let hz = 100.0;
         let cores = ticks as f64 / hz / t0.elapsed().as_secs_f64();
         let late = leases.late.load(Ordering::Relaxed);
         println!(
-            "coordinator: {agents} agents heartbeating every 1 s, {} status answers (p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms): {cores:.2} cores busy, RSS {peak_rss:.0} MiB at most; totals at {last_sent} messages",
+            "coordinator: {agents} agents heartbeating every 1 s, {} status answers (p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms): {cores:.2} cores busy, RSS {peak_rss:.0} MiB at most; totals at {last_sent} messages; status answers of {:.1} MB",
             answers.count(),
             answers.quantile_ms(0.5),
             answers.quantile_ms(0.99),
             answers.max_ms(),
+            status_bytes as f64 / 1e6,
+        );
+        // What the run adds (its instances' reports, histograms, merged statuses), per instance:
+        // it was 225 KB when each instance's histogram was kept dense.
+        println!(
+            "memory the run adds per instance: {:.1} KB",
+            (peak_rss - rss_no_run).max(0.0) * 1024.0 / instances.max(1) as f64
         );
         println!(
             "leases: longest gap between two assignments {} ms; {} later than the {} s lease ({} of them before the measurement)",

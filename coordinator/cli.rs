@@ -479,7 +479,7 @@ pub async fn status(a: StatusArgs) -> Result<ExitCode> {
     let redis = BackendRedis::connect(&a.redis).await?;
     if !a.watch {
         let s = client
-            .status(pb::StatusRequest {})
+            .status(pb::StatusRequest::default())
             .await
             .map_err(status_error)?
             .into_inner();
@@ -562,7 +562,7 @@ pub async fn stop(a: CoordArg) -> Result<ExitCode> {
     }
     // Returns once the numbers are final, so that a script reading `status` next reads them.
     let run_id = client
-        .status(pb::StatusRequest {})
+        .status(pb::StatusRequest::default())
         .await
         .map_err(status_error)?
         .into_inner()

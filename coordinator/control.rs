@@ -365,9 +365,10 @@ impl Control {
     }
 
     /// The state to write to the state dir, if it is due: at once when the desired state
-    /// changed, every `METRICS_WRITE_EVERY` when only metrics did. Encoded here, under the
-    /// lock, so the bytes are one consistent moment; written elsewhere.
-    pub fn take_write(&mut self, now: Now) -> Option<Vec<u8>> {
+    /// changed, every `METRICS_WRITE_EVERY` when only metrics did. Taken here, under the lock,
+    /// so it is one consistent moment; the reports are shared, not copied, so that encoding
+    /// them (tens of MB for 10,000 agents) happens off the lock, with the writing.
+    pub fn take_write(&mut self, now: Now) -> Option<StateToWrite> {
         let metrics_due = self.metrics_dirty
             && self
                 .last_write
@@ -378,7 +379,14 @@ impl Control {
         self.dirty = false;
         self.metrics_dirty = false;
         self.last_write = Some(now.mono);
-        Some(prost::Message::encode_to_vec(&self.stored()))
+        Some(StateToWrite {
+            head: self.stored_head(),
+            incarnations: self
+                .incarnations
+                .iter()
+                .map(|((agent, _, _), status)| (agent.clone(), status.clone()))
+                .collect(),
+        })
     }
 
     /// The connected agents as the planner sees them.
@@ -714,18 +722,11 @@ impl Control {
         }
     }
 
-    fn stored(&self) -> pb::StoredState {
-        let incarnations = self
-            .incarnations
-            .iter()
-            .map(|((agent, _, _), status)| pb::StoredIncarnation {
-                agent: agent.clone(),
-                status: Some(pb::InstanceStatus::clone(status)),
-            })
-            .collect();
+    /// The stored state but for its incarnations (see `StateToWrite`).
+    fn stored_head(&self) -> pb::StoredState {
         pb::StoredState {
             epoch: self.epoch,
-            incarnations,
+            incarnations: Vec::new(),
             run: self.run.as_ref().map(|r| pb::StoredRun {
                 id: r.id.clone(),
                 legacy_state: String::new(),
@@ -896,15 +897,9 @@ impl Control {
         let Some(run) = &self.run else {
             return StatusSnapshot::default();
         };
-        // Vehicles that no connected agent drives: those of lost agents and those in handoff.
-        let mut unassigned: u64 = run.parked.iter().map(|p| p.instance.vehicles).sum();
         let mut agents = Vec::with_capacity(run.plan.agents.len());
         for planned in &run.plan.agents {
             let entry = self.agents.get(&planned.name);
-            let connected = entry.is_some_and(AgentEntry::connected);
-            if !connected {
-                unassigned += planned.vehicles;
-            }
             let reports = self
                 .incarnations
                 .range((planned.name.clone(), 0, 0)..)
@@ -913,7 +908,7 @@ impl Control {
                 .collect();
             agents.push(AgentSnapshot {
                 name: planned.name.clone(),
-                connected,
+                connected: entry.is_some_and(AgentEntry::connected),
                 vehicles: planned.vehicles,
                 instances_planned: planned.instances.len() as u32,
                 usage: entry.map(|e| e.usage),
@@ -921,18 +916,36 @@ impl Control {
                 reports,
             });
         }
-        let end = run.ended.unwrap_or(now.unix_s());
         StatusSnapshot {
-            run: Some(RunHead {
-                run_id: run.id.clone(),
-                state: run.state,
-                vehicles: run.plan.vehicles,
-                elapsed_s: (end - run.started).max(0.0),
-                spec: run.spec.clone(),
-                unassigned,
-            }),
+            run: self.run_head(now),
             agents,
         }
+    }
+
+    /// The run's own fields of a status (no counters): cheap enough to be exact in every
+    /// answer, even where the merged counters are a second or two old (`Rendered::answer`).
+    pub fn run_head(&self, now: Now) -> Option<RunHead> {
+        let run = self.run.as_ref()?;
+        // Vehicles that no connected agent drives: those of lost agents and those in handoff.
+        let mut unassigned: u64 = run.parked.iter().map(|p| p.instance.vehicles).sum();
+        for planned in &run.plan.agents {
+            if !self
+                .agents
+                .get(&planned.name)
+                .is_some_and(AgentEntry::connected)
+            {
+                unassigned += planned.vehicles;
+            }
+        }
+        let end = run.ended.unwrap_or(now.unix_s());
+        Some(RunHead {
+            run_id: run.id.clone(),
+            state: run.state,
+            vehicles: run.plan.vehicles,
+            elapsed_s: (end - run.started).max(0.0),
+            spec: run.spec.clone(),
+            unassigned,
+        })
     }
 
     /// The status, merged at once (for callers that hold the state anyway, e.g. tests).
@@ -940,10 +953,36 @@ impl Control {
     pub fn status(&self, now: Now) -> pb::RunStatus {
         self.status_snapshot(now)
             .render(&mut MergedCache::default())
+            .with_agent_histograms()
     }
 }
 
-struct RunHead {
+/// A state to write: `pb::StoredState` with its incarnations still shared with the core.
+pub struct StateToWrite {
+    head: pb::StoredState,
+    incarnations: Vec<(String, Arc<pb::InstanceStatus>)>,
+}
+
+impl StateToWrite {
+    /// The `pb::StoredState` encoding. The incarnations are appended as the repeated field
+    /// they are (field 3 of StoredState; agent 1 and status 2 of StoredIncarnation), straight
+    /// from the shared reports: building the message would copy every one of them first.
+    pub fn encode(&self) -> Vec<u8> {
+        use prost::encoding::{encode_key, encode_varint, message, string, WireType};
+        const INCARNATIONS: u32 = 3;
+        let mut buf = prost::Message::encode_to_vec(&self.head);
+        for (agent, status) in &self.incarnations {
+            let len = string::encoded_len(1, agent) + message::encoded_len(2, &**status);
+            encode_key(INCARNATIONS, WireType::LengthDelimited, &mut buf);
+            encode_varint(len as u64, &mut buf);
+            string::encode(1, agent, &mut buf);
+            message::encode(2, &**status, &mut buf);
+        }
+        buf
+    }
+}
+
+pub struct RunHead {
     run_id: String,
     state: pb::RunState,
     vehicles: u64,
@@ -971,22 +1010,89 @@ pub struct StatusSnapshot {
     agents: Vec<AgentSnapshot>,
 }
 
-/// Each agent's merged histogram as of its `reported` mark, kept between statuses.
+/// Each agent's merged histogram as of its `reported` mark, kept between statuses (as its
+/// uncompressed V2 bytes, a few KB, rather than decoded buckets, which are ten times that).
 #[derive(Default)]
 pub struct MergedCache {
     merged: HashMap<String, (u64, Arc<Vec<u8>>)>,
 }
 
+/// A rendered status and, beside it, each agent's merged histogram in the status's agent
+/// order, for the callers that ask for them (`StatusRequest.agent_histograms`).
+pub struct Rendered {
+    pub status: pb::RunStatus,
+    pub agent_histograms: Vec<Arc<Vec<u8>>>,
+}
+
+impl Rendered {
+    /// The status with each agent's histogram in its totals, as it would be with a fleet
+    /// small enough for statuses to carry them all.
+    pub fn with_agent_histograms(&self) -> pb::RunStatus {
+        let mut s = self.status.clone();
+        self.fill_histograms(&mut s);
+        s
+    }
+
+    fn fill_histograms(&self, s: &mut pb::RunStatus) {
+        for (a, h) in s.agents.iter_mut().zip(&self.agent_histograms) {
+            if let Some(t) = a.totals.as_mut() {
+                t.latency_hdr = Vec::clone(h);
+            }
+        }
+    }
+
+    /// This render as an answer, with the run's fields of `head` (made now) over those of
+    /// the render: the counters may be a render old, the state never is. None when the render
+    /// is of another run than `head` (or of none), which must not be passed off as this one.
+    pub fn answer(&self, head: Option<RunHead>, agent_histograms: bool) -> Option<pb::RunStatus> {
+        let same = match &head {
+            Some(h) => h.run_id == self.status.run_id,
+            None => self.status.run_id.is_empty(),
+        };
+        if !same {
+            return None;
+        }
+        let mut s = self.status.clone();
+        if agent_histograms {
+            self.fill_histograms(&mut s);
+        }
+        if let Some(h) = head {
+            s.state = h.state.into();
+            s.vehicles = h.vehicles;
+            s.elapsed_s = h.elapsed_s;
+            s.spec = Some(h.spec);
+            s.unassigned_vehicles = h.unassigned;
+        }
+        Some(s)
+    }
+}
+
+fn summary(b: &Buckets) -> pb::LatencySummary {
+    let ([p50_us, p95_us, p99_us], max_us) = b.quantiles_us([0.5, 0.95, 0.99]);
+    pb::LatencySummary {
+        count: b.count(),
+        p50_us,
+        p95_us,
+        p99_us,
+        max_us,
+    }
+}
+
 impl StatusSnapshot {
     /// The status: counters summed and histograms merged per agent and fleet-wide (an agent
-    /// whose reports did not change since the last render reuses its merged histogram).
-    pub fn render(self, cache: &mut MergedCache) -> pb::RunStatus {
+    /// whose reports did not change since the last render reuses its merged histogram). Each
+    /// agent's totals carry the percentiles of its histogram; the fleet totals the histogram.
+    pub fn render(self, cache: &mut MergedCache) -> Rendered {
         let Some(head) = self.run else {
-            return pb::RunStatus::default();
+            return Rendered {
+                status: pb::RunStatus::default(),
+                agent_histograms: Vec::new(),
+            };
         };
         let mut totals = pb::Counters::default();
         let mut fleet = BucketSum::default();
         let mut agents = Vec::with_capacity(self.agents.len());
+        let mut histograms = Vec::with_capacity(self.agents.len());
         for a in self.agents {
             let mut agent_totals = pb::Counters::default();
             let mut current: BTreeMap<u32, &pb::InstanceStatus> = BTreeMap::new();
@@ -1007,11 +1113,11 @@ impl StatusSnapshot {
                 .filter_map(|s| s.counters.as_ref())
                 .map(|c| c.active_vehicles)
                 .sum();
-            let merged = match cache.merged.get(&a.name) {
-                Some((mark, bytes)) if *mark == a.reported => {
-                    fleet.add(&Buckets::from_bytes(bytes).unwrap_or_default());
-                    bytes.clone()
-                }
+            let (merged, bytes) = match cache.merged.get(&a.name) {
+                Some((mark, bytes)) if *mark == a.reported => (
+                    Buckets::from_bytes(bytes).unwrap_or_default(),
+                    bytes.clone(),
+                ),
                 _ => {
                     let mut b = Buckets::default();
                     for s in &a.reports {
@@ -1019,15 +1125,16 @@ impl StatusSnapshot {
                             b.merge(&Buckets::from_bytes(&c.latency_hdr).unwrap_or_default());
                         }
                     }
-                    fleet.add(&b);
                     let bytes = Arc::new(b.to_bytes());
                     cache
                         .merged
                         .insert(a.name.clone(), (a.reported, bytes.clone()));
-                    bytes
+                    (b, bytes)
                 }
             };
-            agent_totals.latency_hdr = Vec::clone(&merged);
+            fleet.add(&merged);
+            agent_totals.latency_summary = Some(summary(&merged));
+            histograms.push(bytes);
             totals.add(&agent_totals);
             agents.push(pb::AgentStatus {
                 agent: a.name,
@@ -1040,16 +1147,21 @@ impl StatusSnapshot {
                 instances: current.into_values().map(strip_histogram).collect(),
             });
         }
-        totals.latency_hdr = fleet.finish().to_bytes();
-        pb::RunStatus {
-            run_id: head.run_id,
-            state: head.state.into(),
-            vehicles: head.vehicles,
-            elapsed_s: head.elapsed_s,
-            spec: Some(head.spec),
-            agents,
-            totals: Some(totals),
-            unassigned_vehicles: head.unassigned,
+        let fleet = fleet.finish();
+        totals.latency_summary = Some(summary(&fleet));
+        totals.latency_hdr = fleet.to_bytes();
+        Rendered {
+            status: pb::RunStatus {
+                run_id: head.run_id,
+                state: head.state.into(),
+                vehicles: head.vehicles,
+                elapsed_s: head.elapsed_s,
+                spec: Some(head.spec),
+                agents,
+                totals: Some(totals),
+                unassigned_vehicles: head.unassigned,
+            },
+            agent_histograms: histograms,
         }
     }
 }
@@ -1078,6 +1190,7 @@ fn strip_histogram(s: &pb::InstanceStatus) -> pb::InstanceStatus {
             elapsed_s: c.elapsed_s,
             max_lag_ms: c.max_lag_ms,
             latency_hdr: Vec::new(),
+            latency_summary: None,
             active_vehicles: c.active_vehicles,
             bad_lines: c.bad_lines,
             dropped_busy: c.dropped_busy,
@@ -1265,7 +1378,7 @@ mod tests {
             let _ = c.stop(clock.advance(Duration::from_millis(1)));
         }
         let issued = c.epoch();
-        let bytes = c.take_write(clock.now()).unwrap();
+        let bytes = c.take_write(clock.now()).unwrap().encode();
         // The restarted coordinator's wall clock went back an hour.
         let mut back = Clock::new();
         back.unix0 = clock.unix0 - 3_600_000;
@@ -1288,7 +1401,7 @@ mod tests {
         let mut c = Control::new(limits(), clock.now());
         connect(&mut c, "a", 300, clock.now());
         start(&mut c, 100, clock.now());
-        let bytes = c.take_write(clock.now()).unwrap();
+        let bytes = c.take_write(clock.now()).unwrap().encode();
         let mut stored = <pb::StoredState as prost::Message>::decode(bytes.as_slice()).unwrap();
         for (legacy, expect) in [
             ("running", pb::RunState::Running),
@@ -1328,8 +1441,22 @@ mod tests {
             usage: None,
         };
         let _ = c.heartbeat("a", hb, clock.now());
-        let bytes = c.take_write(clock.now()).unwrap();
+        let write = c.take_write(clock.now()).unwrap();
+        let bytes = write.encode();
         let stored = <pb::StoredState as prost::Message>::decode(bytes.as_slice()).unwrap();
+        // The incarnations appended by hand read back as the message prost would have built.
+        let mut built = write.head.clone();
+        built.incarnations = write
+            .incarnations
+            .iter()
+            .map(|(agent, s)| pb::StoredIncarnation {
+                agent: agent.clone(),
+                status: Some(pb::InstanceStatus::clone(s)),
+            })
+            .collect();
+        assert_eq!(built.incarnations.len(), 1);
+        assert_eq!(stored, built);
+        assert_eq!(bytes, prost::Message::encode_to_vec(&built));
         let r = Control::restore(limits(), stored, clock.now());
         let s = r.status(clock.now());
         assert_eq!(s.run_id, run_id);

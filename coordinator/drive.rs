@@ -300,7 +300,7 @@ pub async fn settled(client: &mut ControlClient, run_id: &str) -> Result<pb::Run
     let started = Instant::now();
     loop {
         let status = client
-            .status(pb::StatusRequest {})
+            .status(pb::StatusRequest::default())
             .await
             .map_err(status_error)?
             .into_inner();

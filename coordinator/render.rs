@@ -95,7 +95,13 @@ pub(crate) fn plan_table(reply: &pb::PlanReply) -> String {
     out
 }
 
+/// p50, p95, p99 and max in ms: from the histogram, or from the percentiles that stand in for
+/// it in an agent's totals.
 pub(crate) fn percentiles(c: &pb::Counters) -> (f64, f64, f64, f64) {
+    if let (true, Some(s)) = (c.latency_hdr.is_empty(), &c.latency_summary) {
+        let ms = |us: u64| us as f64 / 1000.0;
+        return (ms(s.p50_us), ms(s.p95_us), ms(s.p99_us), ms(s.max_us));
+    }
     let l = Latency::from_bytes(&c.latency_hdr).unwrap_or_default();
     (
         l.quantile_ms(0.5),

@@ -3,7 +3,8 @@
 //! what the core decided; the state file is written by its own task, never under the lock.
 
 use crate::control::{
-    Commands, Control, JoinRefused, Joining, Limits, MergedCache, Now, SessionRefused,
+    Commands, Control, JoinRefused, Joining, Limits, MergedCache, Now, Rendered, SessionRefused,
+    StateToWrite,
 };
 use crate::planning;
 use std::collections::HashMap;
@@ -70,12 +71,12 @@ pub struct Coordinator {
     refreshing: std::sync::atomic::AtomicBool,
     /// The latest encoded state to write; the writer task takes the newest, skipping any it
     /// had no time for.
-    writes: watch::Sender<Option<Arc<Vec<u8>>>>,
+    writes: watch::Sender<Option<Arc<StateToWrite>>>,
 }
 
 /// The last status made, and what it cost.
 struct LastStatus {
-    status: Arc<pb::RunStatus>,
+    status: Arc<Rendered>,
     version: u64,
     made: Instant,
     took: Duration,
@@ -164,7 +165,7 @@ impl Coordinator {
 
     /// Makes the run status afresh. The core is locked only to take a snapshot; the merging
     /// happens after, one status at a time.
-    fn make_status(&self) -> Arc<pb::RunStatus> {
+    fn make_status(&self) -> Arc<Rendered> {
         let mut merged = lock(&self.merged);
         let started = Instant::now();
         let (snapshot, version) = {
@@ -184,22 +185,34 @@ impl Coordinator {
         status
     }
 
-    /// The run status: the last one made if nothing changed since, or if statuses are
-    /// expensive (a large fleet) and it is recent; otherwise made now.
-    fn status(&self) -> Arc<pb::RunStatus> {
-        let version = self.lock().core.version();
-        {
+    /// The run status. Its run fields (state, elapsed, unassigned) are always current; its
+    /// counters are the last render's if nothing changed since, or if renders are expensive
+    /// (a large fleet) and the last is recent or its successor is being made, so that a
+    /// watcher never waits behind the merging; otherwise they are merged now.
+    fn status(&self, agent_histograms: bool) -> pb::RunStatus {
+        let (version, head) = {
+            let sh = self.lock();
+            (sh.core.version(), sh.core.run_head(now()))
+        };
+        let cached = {
             let mut last = lock(&self.last_status);
-            if let Some(l) = last.as_mut() {
+            last.as_mut().and_then(|l| {
                 l.asked = Instant::now();
-                let recent =
-                    l.took >= EXPENSIVE_STATUS && l.made.elapsed() < 2 * self.settings.heartbeat;
-                if l.version == version || recent {
-                    return l.status.clone();
-                }
-            }
+                let recent = l.took >= EXPENSIVE_STATUS
+                    && (l.made.elapsed() < 2 * self.settings.heartbeat.max(4 * l.took)
+                        || self.refreshing.load(std::sync::atomic::Ordering::Acquire));
+                (l.version == version || recent).then(|| l.status.clone())
+            })
+        };
+        if let Some(answer) = cached.and_then(|r| r.answer(head, agent_histograms)) {
+            return answer;
         }
-        self.make_status()
+        let r = self.make_status();
+        if agent_histograms {
+            r.with_agent_histograms()
+        } else {
+            r.status.clone()
+        }
     }
 
     /// For expensive statuses that someone watches: makes the next one in the background,
@@ -226,9 +239,12 @@ impl Coordinator {
         });
     }
 
-    async fn status_async(self: &Arc<Self>) -> Result<pb::RunStatus, Status> {
+    async fn status_async(
+        self: &Arc<Self>,
+        agent_histograms: bool,
+    ) -> Result<pb::RunStatus, Status> {
         let c = self.clone();
-        tokio::task::spawn_blocking(move || pb::RunStatus::clone(&c.status()))
+        tokio::task::spawn_blocking(move || c.status(agent_histograms))
             .await
             .map_err(|e| Status::internal(format!("the status could not be made: {e}")))
     }
@@ -236,7 +252,7 @@ impl Coordinator {
     /// Prometheus text for `--metrics-listen`.
     pub fn prometheus(&self) -> String {
         let connected = self.lock().outbox.len();
-        vtox::prometheus::coordinator(&self.status(), connected)
+        vtox::prometheus::coordinator(&self.status(false), connected)
     }
 
     /// The reconcile loop: each agent gets its desired assignment now when something changed,
@@ -269,8 +285,8 @@ impl Coordinator {
                 let mut sh = self.lock();
                 let assignments = sh.core.tick(t);
                 if self.settings.state_dir.is_some() {
-                    if let Some(bytes) = sh.core.take_write(t) {
-                        self.writes.send_replace(Some(Arc::new(bytes)));
+                    if let Some(state) = sh.core.take_write(t) {
+                        self.writes.send_replace(Some(Arc::new(state)));
                     }
                 }
                 for a in assignments {
@@ -329,13 +345,13 @@ fn close_session(sh: &mut Shared, name: &str, session: u64) -> Commands {
 /// Writes each state handed over: to a temporary file, synced, then renamed over the old one,
 /// so that a crash at any moment leaves either the old or the new state. States that come
 /// faster than the disk takes them are skipped for the newest.
-async fn write_loop(dir: PathBuf, mut rx: watch::Receiver<Option<Arc<Vec<u8>>>>) {
+async fn write_loop(dir: PathBuf, mut rx: watch::Receiver<Option<Arc<StateToWrite>>>) {
     while rx.changed().await.is_ok() {
-        let Some(bytes) = rx.borrow_and_update().clone() else {
+        let Some(state) = rx.borrow_and_update().clone() else {
             continue;
         };
         let d = dir.clone();
-        match tokio::task::spawn_blocking(move || write_atomically(&d, &bytes)).await {
+        match tokio::task::spawn_blocking(move || write_atomically(&d, &state.encode())).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 tracing::error!("cannot write the state to {}: {e}", dir.display());
@@ -528,9 +544,10 @@ impl pb::control_service_server::ControlService for ControlApi {
 
     async fn status(
         &self,
-        _req: Request<pb::StatusRequest>,
+        req: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::RunStatus>, Status> {
-        Ok(Response::new(self.0.status_async().await?))
+        let histograms = req.into_inner().agent_histograms;
+        Ok(Response::new(self.0.status_async(histograms).await?))
     }
 
     type WatchStream = OutStream<pb::RunStatus>;
@@ -546,7 +563,7 @@ impl pb::control_service_server::ControlService for ControlApi {
             let mut tick = tokio::time::interval(every);
             loop {
                 tick.tick().await;
-                let status = coord.status_async().await;
+                let status = coord.status_async(false).await;
                 if tx.send(status).await.is_err() {
                     break;
                 }

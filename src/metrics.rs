@@ -165,6 +165,39 @@ impl Buckets {
         self.counts.is_empty()
     }
 
+    pub fn count(&self) -> u64 {
+        self.counts.iter().map(|(_, c)| c).sum()
+    }
+
+    /// The values at quantiles `qs` (ascending, 0..=1) and the maximum, in microseconds,
+    /// exactly as `Latency::quantile_ms` and `Latency::max_ms` give them, without the dense
+    /// histogram (170 KB) that `Latency` would need: what a status reports per agent.
+    pub fn quantiles_us<const N: usize>(&self, qs: [f64; N]) -> ([u64; N], u64) {
+        let mut out = [0u64; N];
+        let total = self.count();
+        let Some(&(top, _)) = self.counts.last() else {
+            return (out, 0);
+        };
+        let mut at = self.counts.iter();
+        let (mut seen, mut index) = (0u64, 0u32);
+        for (slot, q) in out.iter_mut().zip(qs) {
+            // As hdrhistogram counts: the first bucket where the running count reaches
+            // ceil(q * total), at least 1.
+            let target = ((q.clamp(0.0, 1.0) * total as f64).ceil() as u64).max(1);
+            while seen < target {
+                let Some(&(i, c)) = at.next() else { break };
+                seen += c;
+                index = i;
+            }
+            *slot = if q == 0.0 {
+                bucket_lowest_us(index)
+            } else {
+                bucket_highest_us(index)
+            };
+        }
+        (out, bucket_highest_us(top))
+    }
+
     /// Decodes V2 or V2 + deflate bytes (empty bytes: an empty histogram).
     pub fn from_bytes(bytes: &[u8]) -> Result<Buckets, MetricsError> {
         if bytes.is_empty() {
@@ -172,12 +205,7 @@ impl Buckets {
         }
         let cookie = be_u32(bytes, 0)?;
         if cookie == V2_DEFLATE_COOKIE {
-            use std::io::Read;
-            let mut raw = Vec::with_capacity(bytes.len() * 3);
-            flate2::read::ZlibDecoder::new(bytes.get(8..).unwrap_or_default())
-                .read_to_end(&mut raw)
-                .map_err(|e| MetricsError::Decode(e.to_string()))?;
-            return Self::from_v2(&raw);
+            return Self::from_v2(&inflate(bytes.get(8..).unwrap_or_default())?);
         }
         Self::from_v2(bytes)
     }
@@ -302,6 +330,67 @@ impl Buckets {
         out[4..8].copy_from_slice(&len.to_be_bytes());
         out
     }
+}
+
+/// The largest inflated histogram accepted: a V2 encoding of every bucket of `Latency`'s
+/// layout at the widest counts is under 400 KB, so anything larger is not a histogram.
+const MAX_INFLATED: usize = 4 << 20;
+
+thread_local! {
+    /// One zlib decoder per thread, reset for each histogram: making a new one allocates and
+    /// clears tens of KB, which for the few KB of a histogram cost more than the inflating
+    /// (a coordinator inflates tens of thousands of them per second).
+    static INFLATER: std::cell::RefCell<flate2::Decompress> =
+        std::cell::RefCell::new(flate2::Decompress::new(true));
+}
+
+fn inflate(input: &[u8]) -> Result<Vec<u8>, MetricsError> {
+    INFLATER.with(|d| {
+        let mut d = d.borrow_mut();
+        d.reset(true);
+        let mut out = Vec::with_capacity(input.len() * 4 + 64);
+        loop {
+            let (read, wrote) = (d.total_in(), d.total_out());
+            let rest = input.get(read as usize..).unwrap_or_default();
+            let status = d
+                .decompress_vec(rest, &mut out, flate2::FlushDecompress::Finish)
+                .map_err(|e| MetricsError::Decode(e.to_string()))?;
+            if status == flate2::Status::StreamEnd {
+                return Ok(out);
+            }
+            if out.len() == out.capacity() {
+                if out.len() >= MAX_INFLATED {
+                    return Err(MetricsError::Decode("histogram is too large".into()));
+                }
+                out.reserve(out.len().max(1024));
+            } else if d.total_in() == read && d.total_out() == wrote {
+                return Err(MetricsError::Decode("histogram is truncated".into()));
+            }
+        }
+    })
+}
+
+/// Half the sub-buckets of `Latency`'s layout (3 significant digits: 2,048 sub-buckets), as
+/// a power of two; the unit magnitude is 0 since the lowest value is 1 µs.
+const SUB_HALF_MAGNITUDE: u32 = 10;
+
+/// (lowest value, width) of bucket `index` in `Latency`'s layout, as hdrhistogram maps them.
+fn bucket_span(index: u32) -> (u64, u64) {
+    let half = 1u64 << SUB_HALF_MAGNITUDE;
+    let (bucket, sub) = match (index >> SUB_HALF_MAGNITUDE).checked_sub(1) {
+        Some(b) => (b, (u64::from(index) & (half - 1)) + half),
+        None => (0, u64::from(index) & (half - 1)),
+    };
+    (sub << bucket, 1u64 << bucket)
+}
+
+fn bucket_lowest_us(index: u32) -> u64 {
+    bucket_span(index).0
+}
+
+fn bucket_highest_us(index: u32) -> u64 {
+    let (low, width) = bucket_span(index);
+    low + width - 1
 }
 
 fn be_u32(b: &[u8], at: usize) -> Result<u32, MetricsError> {
@@ -555,6 +644,22 @@ mod tests {
                 prop_assert_eq!(merged.quantile_ms(q), full.quantile_ms(q));
             }
             prop_assert_eq!(merged, full);
+        }
+
+        /// Quantiles read from buckets are those `Latency` gives for the same values.
+        #[test]
+        fn bucket_quantiles_match_the_full_histogram(
+            values in proptest::collection::vec(prop_oneof![1u64..3000, 1u64..700_000_000], 0..300)
+        ) {
+            let l = latency_of(&values);
+            let b = Buckets::from_bytes(&l.to_bytes()).unwrap();
+            prop_assert_eq!(b.count(), l.count());
+            let qs = [0.0, 0.5, 0.95, 0.99, 0.999, 1.0];
+            let (got, max) = b.quantiles_us(qs);
+            for (q, us) in qs.iter().zip(got) {
+                prop_assert_eq!(us as f64 / 1000.0, l.quantile_ms(*q), "q={}", q);
+            }
+            prop_assert_eq!(max as f64 / 1000.0, l.max_ms());
         }
     }
 

@@ -64,6 +64,7 @@ impl pb::Counters {
             elapsed_s: r.elapsed_s,
             max_lag_ms: r.max_lag_ms,
             latency_hdr,
+            latency_summary: None,
             active_vehicles: r.active_vehicles,
             bad_lines: 0,
         }
