@@ -773,6 +773,13 @@ fn sim_args(
             spec.id_template.clone()
         },
         run_start: Some(spec.run_start),
+        delivery: vtox::delivery::Delivery::parse(&spec.delivery).unwrap_or(defaults.delivery),
+        buffer: if spec.buffer > 0 {
+            spec.buffer as usize
+        } else {
+            defaults.buffer
+        },
+        dropouts: text(&spec.dropouts),
         // Half the agent's lease: an orphaned simulator stops well before the coordinator may
         // hand its vehicles to another host (after the agent's lease plus a grace period).
         lease: Some(lease / 2),
@@ -909,6 +916,13 @@ fn apply_tally(c: &mut pb::Counters, t: &[u64; vtox::metrics::TALLY_SLOTS]) {
     c.late_accepted = c.late_accepted.max(t[TALLY_LATE]);
     c.timeouts_unsent = c.timeouts_unsent.max(t[TALLY_UNSENT]);
     c.connect_errors = c.connect_errors.max(t[TALLY_CONNECT]);
+    c.produced = c.produced.max(t[TALLY_PRODUCED]);
+    c.retried = c.retried.max(t[TALLY_RETRIED]);
+    c.buffer_dropped = c.buffer_dropped.max(t[TALLY_BUFFER_DROPPED]);
+    c.delivered_late = c.delivered_late.max(t[TALLY_DELIVERED_LATE]);
+    c.resent_after_timeout = c.resent_after_timeout.max(t[TALLY_RESENT]);
+    c.discarded = c.discarded.max(t[TALLY_DISCARDED]);
+    c.offline_ticks = c.offline_ticks.max(t[TALLY_OFFLINE_TICKS]);
 }
 
 fn rss_of(pid: u32) -> u64 {
@@ -945,6 +959,9 @@ mod tests {
                 login_password_file: "/etc/vtox/password".into(),
                 ..Default::default()
             }),
+            delivery: "at-most-once".into(),
+            buffer: 20,
+            dropouts: "5%/90s".into(),
             ..Default::default()
         };
         let inst = pb::InstanceSpec {
@@ -965,6 +982,8 @@ mod tests {
         assert_eq!(a.target_ca, Some("/etc/vtox/backend-ca.pem".into()));
         assert_eq!(a.login_user.as_deref(), Some("fleet"));
         assert_eq!(a.auth_token_file, None);
+        assert_eq!(a.delivery, vtox::delivery::Delivery::AtMostOnce);
+        assert_eq!((a.buffer, a.dropouts.as_deref()), (20, Some("5%/90s")));
         // What the agent passes is what the simulator parses.
         let back =
             SimArgs::try_parse_from(std::iter::once("vtox-sim".to_string()).chain(a.to_args()))
@@ -980,6 +999,16 @@ mod tests {
         let a = sim_args(&open, &inst, "host-a", 1030.0, Duration::from_secs(5)).unwrap();
         assert_eq!(a.duration, None);
         assert_eq!(a.fault_onset, Duration::from_secs(300));
+        // Nor with an older coordinator that sends no delivery settings.
+        let old = pb::RunSpec {
+            delivery: String::new(),
+            buffer: 0,
+            dropouts: String::new(),
+            ..open
+        };
+        let a = sim_args(&old, &inst, "host-a", 1030.0, Duration::from_secs(5)).unwrap();
+        assert_eq!(a.delivery, vtox::delivery::Delivery::StoreAndForward);
+        assert_eq!((a.buffer, a.dropouts), (600, None));
     }
 
     #[test]

@@ -1091,6 +1091,7 @@ impl StatusSnapshot {
         };
         let mut totals = pb::Counters::default();
         let mut fleet = BucketSum::default();
+        let (mut delay, mut late_age) = (BucketSum::default(), BucketSum::default());
         let mut agents = Vec::with_capacity(self.agents.len());
         let mut histograms = Vec::with_capacity(self.agents.len());
         for a in self.agents {
@@ -1107,12 +1108,30 @@ impl StatusSnapshot {
                 .values()
                 .filter(|s| s.phase == pb::Phase::Running as i32)
                 .count() as u32;
-            // The rate-like fields describe what runs now, not the sum of every incarnation.
-            agent_totals.active_vehicles = current
-                .values()
-                .filter_map(|s| s.counters.as_ref())
-                .map(|c| c.active_vehicles)
-                .sum();
+            // The gauges describe what runs now, not the sum of every incarnation.
+            let now = |read: fn(&pb::Counters) -> u64| -> u64 {
+                current
+                    .values()
+                    .filter_map(|s| s.counters.as_ref())
+                    .map(read)
+                    .sum()
+            };
+            agent_totals.active_vehicles = now(|c| c.active_vehicles);
+            agent_totals.buffered = now(|c| c.buffered);
+            agent_totals.offline = now(|c| c.offline);
+            // Delays and ages at delivery are judged fleet-wide only: merged straight into the
+            // fleet's sums, never kept per agent.
+            for s in &a.reports {
+                if let Some(c) = &s.counters {
+                    for (sum, bytes) in
+                        [(&mut delay, &c.delay_hdr), (&mut late_age, &c.late_age_hdr)]
+                    {
+                        if !bytes.is_empty() {
+                            sum.add(&Buckets::from_bytes(bytes).unwrap_or_default());
+                        }
+                    }
+                }
+            }
             let (merged, bytes) = match cache.merged.get(&a.name) {
                 Some((mark, bytes)) if *mark == a.reported => (
                     Buckets::from_bytes(bytes).unwrap_or_default(),
@@ -1150,6 +1169,15 @@ impl StatusSnapshot {
         let fleet = fleet.finish();
         totals.latency_summary = Some(summary(&fleet));
         totals.latency_hdr = fleet.to_bytes();
+        let delay = delay.finish();
+        if !delay.is_empty() {
+            totals.delay_summary = Some(summary(&delay));
+            totals.delay_hdr = delay.to_bytes();
+        }
+        let late_age = late_age.finish();
+        if !late_age.is_empty() {
+            totals.late_age_hdr = late_age.to_bytes();
+        }
         Rendered {
             status: pb::RunStatus {
                 run_id: head.run_id,
@@ -1198,6 +1226,18 @@ fn strip_histogram(s: &pb::InstanceStatus) -> pb::InstanceStatus {
             protocol_errors: c.protocol_errors,
             tls_errors: c.tls_errors,
             logins: c.logins,
+            produced: c.produced,
+            buffered: c.buffered,
+            retried: c.retried,
+            buffer_dropped: c.buffer_dropped,
+            delivered_late: c.delivered_late,
+            resent_after_timeout: c.resent_after_timeout,
+            discarded: c.discarded,
+            offline: c.offline,
+            offline_ticks: c.offline_ticks,
+            delay_hdr: Vec::new(),
+            late_age_hdr: Vec::new(),
+            delay_summary: None,
         }),
         last_error: s.last_error.clone(),
     }

@@ -58,9 +58,22 @@ pub struct DriveArgs {
     /// Request timeout of the simulators.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub timeout: Duration,
-    /// Most requests in flight per instance.
+    /// Most requests in flight (connections) per instance.
     #[arg(long, default_value_t = 1024)]
     pub max_in_flight: u32,
+    /// How vehicles deliver: store-and-forward (one request in flight per vehicle, the rest
+    /// buffered and retried with backoff, as a telematics unit does) or at-most-once (every
+    /// tick sent at once and never retried; one that finds no free connection is dropped).
+    #[arg(long, value_enum, default_value_t = vtox::delivery::Delivery::StoreAndForward)]
+    pub delivery: vtox::delivery::Delivery,
+    /// Messages each vehicle keeps while it cannot deliver (store-and-forward); the oldest is
+    /// dropped when it is full.
+    #[arg(long, default_value_t = 600, value_name = "MESSAGES")]
+    pub buffer: u32,
+    /// Vehicles out of coverage, as SHARE%/DURATION (e.g. 5%/90s: about 5 % offline at any
+    /// moment, outages around 90 s); they buffer and burst on return (store-and-forward).
+    #[arg(long, value_name = "SHARE%/DURATION")]
+    pub dropouts: Option<String>,
     /// Samples per second of the samples in a message.
     #[arg(long, default_value_t = 50)]
     pub sampling_rate: u32,
@@ -136,6 +149,15 @@ impl DriveArgs {
         self.faults
             .parse::<vtox::faults::FaultMix>()
             .context("--faults")?;
+        if self.buffer == 0 {
+            bail!("--buffer must be at least 1 message");
+        }
+        if let Some(d) = &self.dropouts {
+            if self.delivery == vtox::delivery::Delivery::AtMostOnce {
+                bail!("--dropouts needs --delivery store-and-forward: a vehicle out of coverage keeps its messages until it is back");
+            }
+            vtox::dropouts::Dropouts::parse(d, self.seed).context("--dropouts")?;
+        }
         self.redis.check()
     }
 
@@ -157,6 +179,9 @@ impl DriveArgs {
             duration_s: duration.map_or(0.0, |d| d.as_secs_f64()),
             fault_onset_s: self.fault_onset.map(|d| d.as_secs_f64()),
             access: Some(self.access.spec()),
+            delivery: self.delivery.name().to_string(),
+            buffer: self.buffer,
+            dropouts: self.dropouts.clone().unwrap_or_default(),
         }
     }
 

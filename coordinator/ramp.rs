@@ -54,9 +54,15 @@ pub struct RampArgs {
     /// Unmeasured time at the start of each step.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub warmup: Duration,
-    /// A step fails when its 95th percentile latency exceeds this.
+    /// A step fails when the 95th percentile of its latency (service time: request handed to a
+    /// connection until the answer was read, the backend's own responsiveness) exceeds this.
     #[arg(long, default_value = "500ms", value_parser = parse_duration)]
     pub max_p95: Duration,
+    /// A step also fails when the 95th percentile of its delay (each message's scheduled time
+    /// until its answer: what a vehicle's buffer or a stalled generator added, i.e. how fresh
+    /// the data is when the backend has it) exceeds this [default: not judged].
+    #[arg(long, value_parser = parse_duration)]
+    pub max_delay_p95: Option<Duration>,
     /// Run every planned step even after one failed.
     #[arg(long = "continue")]
     pub keep_going: bool,
@@ -115,6 +121,13 @@ struct Step {
     /// Percentiles of the window's answers; None when nothing succeeded (a latency of
     /// failures only would read as a recovery).
     latency: Option<[f64; 4]>,
+    /// Percentiles of the window's delays (scheduled time to answer), on the same terms.
+    delay: Option<[f64; 4]>,
+    /// Store-and-forward over the window: resent, dropped from full buffers, buffered at its
+    /// end.
+    retried: u64,
+    buffer_dropped: u64,
+    buffered: u64,
     dropped: u64,
     dropped_busy: u64,
     max_lag_ms: f64,
@@ -126,7 +139,7 @@ struct Step {
     hosts: Vec<HostUse>,
     generator: GeneratorVerdict,
     failures: Vec<String>,
-    /// What failed, as words a script can match: success, p95, throughput, backlog, lost.
+    /// What failed, as words a script can match: success, p95, delay, throughput, backlog, lost.
     failed_as: Vec<&'static str>,
     /// The backend's Redis over the measured window (with --redis).
     pipeline: Option<backlog::Window>,
@@ -156,6 +169,10 @@ impl Step {
         self.latency.map(|l| l[1])
     }
 
+    fn delay_p95(&self) -> Option<f64> {
+        self.delay.map(|l| l[1])
+    }
+
     fn json(&self, interval: f64) -> Value {
         let o = self.outcome();
         json!({
@@ -167,6 +184,10 @@ impl Step {
             "accepted_msgs_per_s": self.accepted_rate,
             "success_percent": self.success,
             "latency_ms": self.latency.map(|[p50, p95, p99, max]| json!({"p50": p50, "p95": p95, "p99": p99, "max": max})),
+            "delay_ms": self.delay.map(|[p50, p95, p99, max]| json!({"p50": p50, "p95": p95, "p99": p99, "max": max})),
+            "retried": self.retried,
+            "buffer_dropped": self.buffer_dropped,
+            "buffered_at_end": self.buffered,
             "failures_by_cause": self.causes,
             "late_accepted": self.late_accepted,
             "dropped_ticks": self.dropped,
@@ -190,13 +211,15 @@ impl Step {
     /// One line for the terminal.
     fn line(&self) -> String {
         format!(
-            "{}: {:.0}/{:.0} msg/s accepted, {:.2}% ok, p95 {}{}{}",
+            "{}: {:.0}/{:.0} msg/s accepted, {:.2}% ok, p95 {}{}{}{}",
             if self.passed() { "pass" } else { "FAIL" },
             self.accepted_rate,
             self.expected_rate,
             self.success,
             self.p95()
                 .map_or_else(|| "-".to_string(), |p| format!("{p:.1} ms")),
+            self.delay_p95()
+                .map_or_else(String::new, |p| format!(", delay p95 {p:.1} ms")),
             if self.failures.is_empty() {
                 String::new()
             } else {
@@ -531,9 +554,23 @@ async fn run_step(
     };
     let done = (t1.accepted + t1.failed).saturating_sub(t0.accepted + t0.failed);
     let accepted = t1.accepted.saturating_sub(t0.accepted);
-    let lat = Latency::from_bytes(&t1.latency_hdr)
-        .and_then(|l| l.since(&Latency::from_bytes(&t0.latency_hdr)?))
-        .map_err(|e| anyhow!("latency window: {e}"))?;
+    let window_of = |later: &[u8], earlier: &[u8]| {
+        Latency::from_bytes(later).and_then(|l| l.since(&Latency::from_bytes(earlier)?))
+    };
+    let lat =
+        window_of(&t1.latency_hdr, &t0.latency_hdr).map_err(|e| anyhow!("latency window: {e}"))?;
+    let delay =
+        window_of(&t1.delay_hdr, &t0.delay_hdr).map_err(|e| anyhow!("delay window: {e}"))?;
+    let quantiles = |l: &Latency| {
+        (accepted > 0 && l.count() > 0).then(|| {
+            [
+                l.quantile_ms(0.5),
+                l.quantile_ms(0.95),
+                l.quantile_ms(0.99),
+                l.max_ms(),
+            ]
+        })
+    };
     let expected = n as f64 / interval;
     let dropped = t1.dropped.saturating_sub(t0.dropped);
     let dropped_busy = t1.dropped_busy.saturating_sub(t0.dropped_busy);
@@ -556,14 +593,11 @@ async fn run_step(
         } else {
             accepted as f64 * 100.0 / done as f64
         },
-        latency: (accepted > 0 && lat.count() > 0).then(|| {
-            [
-                lat.quantile_ms(0.5),
-                lat.quantile_ms(0.95),
-                lat.quantile_ms(0.99),
-                lat.max_ms(),
-            ]
-        }),
+        latency: quantiles(&lat),
+        delay: quantiles(&delay),
+        retried: t1.retried.saturating_sub(t0.retried),
+        buffer_dropped: t1.buffer_dropped.saturating_sub(t0.buffer_dropped),
+        buffered: t1.buffered,
         dropped,
         dropped_busy,
         max_lag_ms,
@@ -588,6 +622,14 @@ async fn run_step(
         step.failures
             .push(format!("p95 {p95:.1} ms > {} ms", a.max_p95.as_millis()));
         step.failed_as.push("p95");
+    }
+    if let Some(limit) = a.max_delay_p95 {
+        let max = limit.as_secs_f64() * 1e3;
+        if let Some(p95) = step.delay_p95().filter(|p| *p > max) {
+            step.failures
+                .push(format!("delay p95 {p95:.1} ms > {} ms", limit.as_millis()));
+            step.failed_as.push("delay");
+        }
     }
     if step.accepted_rate < expected * MIN_THROUGHPUT_SHARE {
         step.failures.push(format!(
@@ -844,12 +886,12 @@ fn verdict_table(steps: &[Step]) -> String {
     let mut rows: Vec<&Step> = steps.iter().collect();
     rows.sort_by_key(|s| (s.vehicles, s.search));
     let mut out = String::from(
-        "<table id=\"verdicts\"><thead><tr><th>vehicles</th><th>step</th><th>expected msg/s</th><th>accepted msg/s</th><th>success %</th><th>p95 ms</th><th>failures by cause</th><th>peak connections</th><th>verdict</th><th>failed as</th><th>limiting side</th></tr></thead><tbody>\n",
+        "<table id=\"verdicts\"><thead><tr><th>vehicles</th><th>step</th><th>expected msg/s</th><th>accepted msg/s</th><th>success %</th><th>p95 ms</th><th>delay p95 ms</th><th>failures by cause</th><th>peak connections</th><th>verdict</th><th>failed as</th><th>limiting side</th></tr></thead><tbody>\n",
     );
     for s in rows {
         let causes: Vec<String> = s.causes.iter().map(|(k, v)| format!("{k} {v}")).collect();
         out.push_str(&format!(
-            "<tr class=\"{}\"><td>{}</td><td>{}</td><td>{:.1}</td><td>{:.1}</td><td>{:.2}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>\n",
+            "<tr class=\"{}\"><td>{}</td><td>{}</td><td>{:.1}</td><td>{:.1}</td><td>{:.2}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>\n",
             if s.passed() { "pass" } else { "fail" },
             s.vehicles,
             if s.search { "search" } else { "planned" },
@@ -857,6 +899,7 @@ fn verdict_table(steps: &[Step]) -> String {
             s.accepted_rate,
             s.success,
             s.p95().map_or_else(|| "-".into(), |p| format!("{p:.1}")),
+            s.delay_p95().map_or_else(|| "-".into(), |p| format!("{p:.1}")),
             escape(&causes.join(", ")),
             s.peak_connections,
             if s.passed() { "pass" } else { "fail" },
@@ -876,6 +919,8 @@ fn html(a: &RampArgs, steps: &[Step], report: &Value) -> String {
     let search: Vec<bool> = steps.iter().map(|s| s.search).collect();
     let lat =
         |i: usize| -> Vec<Option<f64>> { steps.iter().map(|s| s.latency.map(|l| l[i])).collect() };
+    let delay =
+        |i: usize| -> Vec<Option<f64>> { steps.iter().map(|s| s.delay.map(|l| l[i])).collect() };
     let mut charts = vec![
         Chart {
             title: "Throughput: accepted vs expected",
@@ -901,6 +946,16 @@ fn html(a: &RampArgs, steps: &[Step], report: &Value) -> String {
             series: vec![("p50", lat(0)), ("p95", lat(1)), ("p99", lat(2))],
             search: &search,
             slo: Some(("p95 SLO", a.max_p95.as_secs_f64() * 1e3)),
+        },
+        Chart {
+            title: "Delay percentiles: scheduled time to answer (steps with successful requests)",
+            y_label: "ms",
+            x: &x,
+            series: vec![("p50", delay(0)), ("p95", delay(1)), ("p99", delay(2))],
+            search: &search,
+            slo: a
+                .max_delay_p95
+                .map(|d| ("delay p95 SLO", d.as_secs_f64() * 1e3)),
         },
         Chart {
             title: "Success rate",

@@ -111,6 +111,31 @@ pub(crate) fn percentiles(c: &pb::Counters) -> (f64, f64, f64, f64) {
     )
 }
 
+/// p50, p95, p99 and max in ms of the delay from each message's scheduled time to its answer;
+/// None where no simulator recorded one.
+pub(crate) fn delay_percentiles(c: &pb::Counters) -> Option<(f64, f64, f64, f64)> {
+    if c.delay_hdr.is_empty() {
+        let s = c.delay_summary.as_ref()?;
+        let ms = |us: u64| us as f64 / 1000.0;
+        return Some((ms(s.p50_us), ms(s.p95_us), ms(s.p99_us), ms(s.max_us)));
+    }
+    let l = Latency::from_bytes(&c.delay_hdr).ok()?;
+    Some((
+        l.quantile_ms(0.5),
+        l.quantile_ms(0.95),
+        l.quantile_ms(0.99),
+        l.max_ms(),
+    ))
+}
+
+/// Whether the run delivers store-and-forward (its statuses then tell buffers and outages).
+fn forwarding(s: &pb::RunStatus) -> bool {
+    s.spec.as_ref().is_some_and(|x| {
+        vtox::delivery::Delivery::parse(&x.delivery)
+            .is_none_or(|d| d == vtox::delivery::Delivery::StoreAndForward)
+    })
+}
+
 /// The live table: redrawn in place on a terminal, printed every few seconds otherwise.
 pub(crate) struct LiveView {
     previous: HashMap<String, (u64, Instant)>,
@@ -180,7 +205,7 @@ impl LiveView {
             );
         }
         let t = s.totals.clone().unwrap_or_default();
-        let _ = writeln!(
+        let _ = write!(
             text,
             "{} {:.0}s  sent {}  accepted {}  failed {}  dropped {}  unassigned vehicles {}",
             s.state().name(),
@@ -191,6 +216,17 @@ impl LiveView {
             t.dropped,
             s.unassigned_vehicles
         );
+        if forwarding(s) {
+            let _ = write!(
+                text,
+                "  buffered {}  offline vehicles {}",
+                t.buffered, t.offline
+            );
+        }
+        if let Some((_, _, p99, _)) = delay_percentiles(&t) {
+            let _ = write!(text, "  delay p99 {p99:.1} ms");
+        }
+        text.push('\n');
         text.push_str(extra);
         let mut err = std::io::stderr().lock();
         if self.tty {
@@ -272,8 +308,17 @@ pub(crate) fn summary(s: &pb::RunStatus) -> String {
     }
     let _ = writeln!(
         out,
-        "  latency ms: p50 {p50:.1}  p95 {p95:.1}  p99 {p99:.1}  max {max:.1}"
+        "  latency ms: p50 {p50:.1}  p95 {p95:.1}  p99 {p99:.1}  max {max:.1}   (service time: request to answer)"
     );
+    if let Some((p50, p95, p99, max)) = delay_percentiles(&t) {
+        let _ = writeln!(
+            out,
+            "  delay ms:   p50 {p50:.1}  p95 {p95:.1}  p99 {p99:.1}  max {max:.1}   (scheduled time to answer)"
+        );
+    }
+    if forwarding(s) {
+        let _ = writeln!(out, "  delivery: {}", delivery_line(&t));
+    }
     for a in &s.agents {
         let c = a.totals.clone().unwrap_or_default();
         let restarts: u32 = a.instances.iter().map(|i| i.restarts).sum();
@@ -292,8 +337,41 @@ pub(crate) fn summary(s: &pb::RunStatus) -> String {
     out
 }
 
+/// What store-and-forward did: messages made, how many waited and how, and what is left.
+fn delivery_line(t: &pb::Counters) -> String {
+    let mut parts = vec![format!("{} messages made", t.produced)];
+    if t.delivered_late > 0 {
+        let age = Latency::from_bytes(&t.late_age_hdr).unwrap_or_default();
+        parts.push(format!(
+            "{} delivered late (age p50 {:.1} s, max {:.1} s)",
+            t.delivered_late,
+            age.quantile_ms(0.5) / 1e3,
+            age.max_ms() / 1e3
+        ));
+    }
+    for (n, what) in [
+        (t.retried, "resent"),
+        (
+            t.resent_after_timeout,
+            "resent after a timeout (possible duplicates)",
+        ),
+        (t.buffer_dropped, "dropped from full buffers"),
+        (t.discarded, "given up (refused for good)"),
+        (t.buffered, "still buffered"),
+        (t.offline_ticks, "made out of coverage"),
+    ] {
+        if n > 0 {
+            parts.push(format!("{n} {what}"));
+        }
+    }
+    parts.join(", ")
+}
+
 pub(crate) fn counters_json(c: &pb::Counters) -> Value {
     let (p50, p95, p99, max) = percentiles(c);
+    let delay = delay_percentiles(c).map(
+        |(p50, p95, p99, max)| json!({"p50_ms": p50, "p95_ms": p95, "p99_ms": p99, "max_ms": max}),
+    );
     json!({
         "sent": c.sent,
         "accepted": c.accepted,
@@ -311,6 +389,16 @@ pub(crate) fn counters_json(c: &pb::Counters) -> Value {
         "bad_lines": c.bad_lines,
         "success_percent": c.success_percent(),
         "p50_ms": p50, "p95_ms": p95, "p99_ms": p99, "max_ms": max,
+        "delay": delay,
+        "produced": c.produced,
+        "buffered": c.buffered,
+        "retried": c.retried,
+        "buffer_dropped": c.buffer_dropped,
+        "delivered_late": c.delivered_late,
+        "resent_after_timeout": c.resent_after_timeout,
+        "discarded": c.discarded,
+        "offline_vehicles": c.offline,
+        "offline_ticks": c.offline_ticks,
     })
 }
 

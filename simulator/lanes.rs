@@ -22,15 +22,23 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_rustls::rustls::pki_types::ServerName;
+use vtox::delivery::Outcome;
 use vtox::http1::{find_head_end, head_too_large, parse_head, BodyReader, HttpError, ResponseHead};
 
 /// A request ready to go: `bytes[start..]` is the whole HTTP request.
 pub struct Job {
     pub bytes: Vec<u8>,
     pub start: usize,
-    /// When the tick fired: latency and the timeout count from here, so time spent waiting
-    /// for a lane is never hidden from the numbers.
+    /// When the request was handed to a lane: latency (service time) and the timeout count
+    /// from here.
     pub created: Instant,
+    /// When the message was due by its schedule: the delay histogram counts from here, so
+    /// time spent behind the schedule or in a vehicle's buffer is never hidden.
+    pub due: Instant,
+    /// The vehicle (index in the slice), told the outcome with store-and-forward.
+    pub vehicle: u32,
+    /// The message waited in its vehicle's buffer before this send.
+    pub waited: bool,
     /// Generation of the login token the request carries, so that a 401 renews only the
     /// token in use (see `auth::Login::unauthorized`).
     pub auth_gen: u64,
@@ -54,6 +62,14 @@ struct Shared {
     /// Bounds the connections watched for late answers; beyond it a timed-out connection is
     /// closed as before and its outcome stays unknown.
     late_slots: Arc<Semaphore>,
+    /// Where each outcome goes, with store-and-forward (the vehicle's modem waits for it).
+    done: Option<mpsc::UnboundedSender<Done>>,
+}
+
+/// The outcome of one vehicle's request, for its modem.
+pub struct Done {
+    pub vehicle: u32,
+    pub outcome: Outcome,
 }
 
 pub struct Lanes {
@@ -74,6 +90,8 @@ pub struct LaneConfig {
     pub login: Option<Arc<Login>>,
     /// Most lanes (connections) at once.
     pub max: usize,
+    /// Where outcomes go (store-and-forward); None: nobody waits for them.
+    pub done: Option<mpsc::UnboundedSender<Done>>,
 }
 
 impl Lanes {
@@ -91,6 +109,7 @@ impl Lanes {
             login: cfg.login,
             tls_logged: AtomicBool::new(false),
             late_slots: Arc::new(Semaphore::new(max)),
+            done: cfg.done,
         });
         Lanes {
             senders: Vec::new(),
@@ -320,12 +339,13 @@ async fn run_lane(id: usize, mut rx: mpsc::Receiver<Job>, shared: Arc<Shared>) {
             Err(_) => Err(Failure::Timeout),
         };
         let c = &shared.counters;
-        match result {
+        let outcome = match result {
             Ok(status) => {
-                c.record_latency(job.created.elapsed().as_micros() as u64);
+                c.record_answer(&job, status);
                 if status == 200 {
                     c.accepted.fetch_add(1, Relaxed);
                     c.tally(crate::tally::TALLY_ACCEPTED, 1);
+                    Outcome::Accepted
                 } else {
                     if status == 401 {
                         if let Some(login) = &shared.login {
@@ -334,45 +354,60 @@ async fn run_lane(id: usize, mut rx: mpsc::Receiver<Job>, shared: Arc<Shared>) {
                     }
                     c.record_status(status);
                     c.tally(crate::tally::TALLY_FAILED, 1);
+                    Outcome::Status(status)
                 }
             }
             Err(f) => {
                 // Whatever state the connection is in, it cannot carry another request.
                 let stale = conn.take();
-                match f {
+                let outcome = match f {
                     Failure::Timeout => {
-                        match stale {
+                        let outcome = match stale {
                             Some(conn) if written => {
-                                watch_late(conn.stream, std::mem::take(&mut reader), &job, &shared)
+                                watch_late(conn.stream, std::mem::take(&mut reader), &job, &shared);
+                                Outcome::Timeout { written: true }
                             }
                             _ => {
                                 c.tally(crate::tally::TALLY_UNSENT, 1);
                                 c.timeout_unsent.fetch_add(1, Relaxed);
+                                Outcome::Timeout { written: false }
                             }
-                        }
+                        };
                         c.tally(crate::tally::TALLY_TIMEOUT, 1);
-                        c.timeout.fetch_add(1, Relaxed)
+                        c.timeout.fetch_add(1, Relaxed);
+                        outcome
                     }
                     Failure::Connect => {
                         c.tally(crate::tally::TALLY_CONNECT, 1);
-                        c.connect.fetch_add(1, Relaxed)
+                        c.connect.fetch_add(1, Relaxed);
+                        Outcome::Broken
                     }
                     Failure::Protocol => {
                         c.tally(crate::tally::TALLY_PROTOCOL, 1);
-                        c.protocol.fetch_add(1, Relaxed)
+                        c.protocol.fetch_add(1, Relaxed);
+                        Outcome::Broken
                     }
                     Failure::Tls => {
                         c.tally(crate::tally::TALLY_TLS, 1);
-                        c.tls.fetch_add(1, Relaxed)
+                        c.tls.fetch_add(1, Relaxed);
+                        Outcome::Broken
                     }
                 };
                 c.tally(crate::tally::TALLY_FAILED, 1);
+                outcome
             }
-        }
+        };
         c.in_flight.fetch_sub(1, Relaxed);
         match shared.idle.lock() {
             Ok(mut g) => g.push(id),
             Err(poisoned) => poisoned.into_inner().push(id),
+        }
+        // After the lane is idle again, so that the modem told finds room for its next one.
+        if let Some(done) = &shared.done {
+            let _ = done.send(Done {
+                vehicle: job.vehicle,
+                outcome,
+            });
         }
     }
 }

@@ -37,6 +37,8 @@ pub struct Config {
     pub tls: Option<lanes::TlsTarget>,
     /// For the authenticated route.
     pub auth: Option<AuthSource>,
+    /// Coverage outages (`--dropouts`).
+    pub dropouts: Option<vtox::dropouts::Dropouts>,
 }
 
 /// How the authenticated route's tokens are had.
@@ -79,6 +81,16 @@ fn validate(args: Args) -> Result<Config> {
     if args.max_in_flight == 0 {
         bail!("--max-in-flight must be at least 1");
     }
+    if args.buffer == 0 {
+        bail!("--buffer must be at least 1 message");
+    }
+    let dropouts = match &args.dropouts {
+        None => None,
+        Some(_) if args.delivery == vtox::delivery::Delivery::AtMostOnce => {
+            bail!("--dropouts needs --delivery store-and-forward: a vehicle out of coverage keeps its messages until it is back")
+        }
+        Some(text) => Some(vtox::dropouts::Dropouts::parse(text, args.seed).context("--dropouts")?),
+    };
     if args.timeout.is_zero() || args.report_every.is_zero() {
         bail!("--timeout and --report-every must be greater than zero");
     }
@@ -108,6 +120,7 @@ fn validate(args: Args) -> Result<Config> {
         run_start,
         tls,
         auth,
+        dropouts,
         args,
     })
 }

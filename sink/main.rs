@@ -72,6 +72,10 @@ struct Args {
     /// every request.
     #[arg(long, value_name = "N")]
     max_rps: Option<u64>,
+    /// Be down for a while: answer every ingest request 503 during DURATION from the start,
+    /// or from AT on (e.g. 6s, 30s+1m). Repeat for several outages.
+    #[arg(long, value_name = "[AT+]DURATION")]
+    outage: Vec<vtox::sink::Outage>,
     /// Log format on stderr (level from RUST_LOG, default info).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -143,6 +147,7 @@ struct App {
     redis: Option<RedisSink>,
     /// --max-rps.
     limit: Option<Mutex<vtox::sink::Admission>>,
+    outages: Vec<vtox::sink::Outage>,
 }
 
 impl App {
@@ -194,12 +199,19 @@ async fn ingest(
     if let Some(d) = app.delay {
         tokio::time::sleep(d).await;
     }
+    let now = app.started.elapsed();
+    if app.outages.iter().any(|o| o.covers(now)) {
+        app.stats().record_unavailable();
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({"detail": "outage"})),
+        )
+            .into_response();
+    }
     if let Some(limit) = &app.limit {
-        let admitted = limit
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .admit(app.started.elapsed());
+        let admitted = limit.lock().unwrap_or_else(|e| e.into_inner()).admit(now);
         if !admitted {
+            app.stats().record_unavailable();
             return (
                 StatusCode::SERVICE_UNAVAILABLE,
                 Json(serde_json::json!({"detail": "over --max-rps"})),
@@ -382,6 +394,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         limit: args
             .max_rps
             .map(|m| Mutex::new(vtox::sink::Admission::new(m))),
+        outages: args.outage.clone(),
     });
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

@@ -76,12 +76,13 @@ pub fn calibrate(budget: Duration) -> f64 {
     let mut t = 0.0;
     while started.elapsed() < budget {
         for (model, template, path) in vehicles.iter_mut() {
-            let truth = model.message(t, 1.7e9 + t, 50.0, 10, &mut samples);
+            let truth = model.message(count, t, 1.7e9 + t, 50.0, 10, &mut samples);
             let fields = MessageFields {
                 seq: count,
                 fault_type: truth.kind.as_str(),
                 fault_severity: truth.severity,
                 sent_at: "2026-11-28T09:00:00.123456Z",
+                made_at: "2026-11-28T09:00:00.123456Z",
                 sampling_rate: 50,
             };
             let mut req = RequestBuf::new(2048, path.len(), 16);

@@ -117,9 +117,13 @@ pub struct MessageFields<'a> {
     pub seq: u64,
     pub fault_type: &'a str,
     pub fault_severity: f64,
-    /// Send time, `2026-11-28T09:00:00.124001Z`; the batch's naive `timestamp` is the same
-    /// instant without the `Z`, as the backend's Python producer writes it.
+    /// Send time of this request, `2026-11-28T09:00:00.124001Z`.
     pub sent_at: &'a str,
+    /// When the message was made, in the same form: the batch's naive `timestamp` is this
+    /// instant without the `Z`, as the backend's Python producer writes it. The same as
+    /// `sent_at` for a message sent as it is made; earlier for one a vehicle kept in its
+    /// buffer, so that the backend sees how old each message is when it arrives.
+    pub made_at: &'a str,
     pub sampling_rate: u32,
 }
 
@@ -144,7 +148,7 @@ impl BodyTemplate {
 
     /// Appends one message body to `buf`.
     pub fn write(&self, buf: &mut Vec<u8>, samples: &[Sample], m: &MessageFields<'_>) {
-        let naive = m.sent_at.strip_suffix('Z').unwrap_or(m.sent_at);
+        let naive = m.made_at.strip_suffix('Z').unwrap_or(m.made_at);
         buf.extend_from_slice(br#"{"sensor_data":{"data":["#);
         for (i, s) in samples.iter().enumerate() {
             // One sample is formatted on the stack and copied once.
@@ -418,6 +422,7 @@ mod tests {
             fault_type: "normal",
             fault_severity: 0.0,
             sent_at: "2026-11-28T09:00:00.123456Z",
+            made_at: "2026-11-28T09:00:00.123456Z",
             sampling_rate: 50,
         };
         let mut buf = Vec::new();
@@ -498,6 +503,7 @@ mod tests {
             fault_type: "normal",
             fault_severity: 0.0,
             sent_at: "t",
+            made_at: "t",
             sampling_rate: 50,
         };
         let mut buf = Vec::new();

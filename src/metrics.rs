@@ -461,7 +461,14 @@ pub const TALLY_LATE: usize = 7;
 pub const TALLY_UNSENT: usize = 8;
 pub const TALLY_PROTOCOL: usize = 9;
 pub const TALLY_TLS: usize = 10;
-pub const TALLY_SLOTS: usize = 16;
+pub const TALLY_PRODUCED: usize = 11;
+pub const TALLY_RETRIED: usize = 12;
+pub const TALLY_BUFFER_DROPPED: usize = 13;
+pub const TALLY_DELIVERED_LATE: usize = 14;
+pub const TALLY_RESENT: usize = 15;
+pub const TALLY_DISCARDED: usize = 16;
+pub const TALLY_OFFLINE_TICKS: usize = 17;
+pub const TALLY_SLOTS: usize = 32;
 /// Files of earlier versions had 8 slots; the newer ones read as 0 from them.
 const TALLY_SLOTS_MIN: usize = 8;
 
@@ -588,9 +595,56 @@ pub struct SimReport {
     pub p99_ms: f64,
     #[serde(default)]
     pub max_ms: f64,
-    /// All latencies so far (µs), HDR V2 compressed, base64.
+    /// All latencies so far (µs), HDR V2 compressed, base64: service time, from the request
+    /// handed to a connection to its answer read.
     #[serde(default)]
     pub latency: String,
+    /// Messages made (one per vehicle tick), whether sent at once, buffered or dropped.
+    #[serde(default)]
+    pub produced: u64,
+    /// Messages waiting in vehicles' buffers now (store-and-forward), not counting those in
+    /// flight.
+    #[serde(default)]
+    pub buffered: u64,
+    /// Sends of a message tried before (store-and-forward).
+    #[serde(default)]
+    pub retried: u64,
+    /// Messages dropped from a full buffer, oldest first: never delivered.
+    #[serde(default)]
+    pub buffer_dropped: u64,
+    /// Messages accepted after waiting in their vehicle's buffer (busy modem, no coverage or a
+    /// failed try); their age at delivery is in `late_age`.
+    #[serde(default)]
+    pub delivered_late: u64,
+    /// Sends of a message whose previous try timed out after it was written: the target may
+    /// have taken both, so at most this many accepted messages are duplicates.
+    #[serde(default)]
+    pub resent_after_timeout: u64,
+    /// Messages given up because the target refused them with a status no retry changes
+    /// (a 422, a 404, a redirect).
+    #[serde(default)]
+    pub discarded: u64,
+    /// Vehicles out of coverage now (`--dropouts`).
+    #[serde(default)]
+    pub offline: u64,
+    /// Messages made while their vehicle was out of coverage.
+    #[serde(default)]
+    pub offline_ticks: u64,
+    /// Delay from each message's scheduled time to its answer (µs), HDR V2 compressed, base64:
+    /// unlike `latency`, it includes every wait before the request went out (a generator
+    /// behind its schedule, a vehicle's queue), so a stall cannot hide (coordinated
+    /// omission).
+    #[serde(default)]
+    pub delay: String,
+    #[serde(default)]
+    pub delay_p50_ms: f64,
+    #[serde(default)]
+    pub delay_p95_ms: f64,
+    #[serde(default)]
+    pub delay_p99_ms: f64,
+    /// Age at delivery of the `delivered_late` messages (µs), HDR V2 compressed, base64.
+    #[serde(default)]
+    pub late_age: String,
 }
 
 impl SimReport {

@@ -27,11 +27,8 @@ fn gauge(out: &mut String, name: &str, help: &str, v: f64) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
 }
 
-fn histogram(out: &mut String, name: &str, latency: &Latency) {
-    let _ = writeln!(
-        out,
-        "# HELP {name} Request latency until the whole answer was read.\n# TYPE {name} histogram"
-    );
+fn histogram(out: &mut String, name: &str, help: &str, latency: &Latency) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
     for b in BUCKETS_S {
         let _ = writeln!(
             out,
@@ -50,7 +47,7 @@ fn histogram(out: &mut String, name: &str, latency: &Latency) {
 
 /// The per-agent counter families: name, help, and the counter each is read from.
 type Family = (&'static str, &'static str, fn(&pb::Counters) -> u64);
-const FAMILIES: [Family; 7] = [
+const FAMILIES: [Family; 13] = [
     (
         "vtox_messages_sent_total",
         "Messages sent (requests started).",
@@ -84,7 +81,58 @@ const FAMILIES: [Family; 7] = [
     ("vtox_bytes_sent_total", "Message body bytes sent.", |c| {
         c.bytes
     }),
+    (
+        "vtox_messages_produced_total",
+        "Messages made by vehicles (one per tick).",
+        |c| c.produced,
+    ),
+    (
+        "vtox_messages_retried_total",
+        "Sends of a message tried before (store-and-forward).",
+        |c| c.retried,
+    ),
+    (
+        "vtox_messages_buffer_dropped_total",
+        "Messages dropped from a vehicle's full buffer: never delivered.",
+        |c| c.buffer_dropped,
+    ),
+    (
+        "vtox_messages_delivered_late_total",
+        "Messages accepted after waiting in their vehicle's buffer.",
+        |c| c.delivered_late,
+    ),
+    (
+        "vtox_messages_resent_after_timeout_total",
+        "Resends of a message whose previous try timed out after it was written (possible duplicates).",
+        |c| c.resent_after_timeout,
+    ),
+    (
+        "vtox_messages_discarded_total",
+        "Messages given up because the target refused them for good.",
+        |c| c.discarded,
+    ),
 ];
+
+const LATENCY_HELP: &str =
+    "Service time: request handed to a connection until its whole answer was read.";
+const DELAY_HELP: &str =
+    "Delay from each message's scheduled time until its answer, including every wait before it went out.";
+
+/// The gauges of delivery: messages waiting in buffers and vehicles out of coverage.
+fn delivery_gauges(out: &mut String, buffered: u64, offline: u64) {
+    gauge(
+        out,
+        "vtox_buffered_messages",
+        "Messages waiting in vehicles' buffers.",
+        buffered as f64,
+    );
+    gauge(
+        out,
+        "vtox_offline_vehicles",
+        "Vehicles out of coverage.",
+        offline as f64,
+    );
+}
 
 fn families(out: &mut String, rows: &[(String, pb::Counters)]) {
     for (name, help, read) in FAMILIES {
@@ -102,12 +150,12 @@ pub fn coordinator(status: &pb::RunStatus, agents_connected: usize) -> String {
         .map(|a| (a.agent.clone(), a.totals.clone().unwrap_or_default()))
         .collect();
     families(&mut out, &rows);
-    let latency = status
-        .totals
-        .as_ref()
-        .and_then(|t| Latency::from_bytes(&t.latency_hdr).ok())
-        .unwrap_or_default();
-    histogram(&mut out, "vtox_latency_seconds", &latency);
+    let totals = status.totals.clone().unwrap_or_default();
+    let latency = Latency::from_bytes(&totals.latency_hdr).unwrap_or_default();
+    histogram(&mut out, "vtox_latency_seconds", LATENCY_HELP, &latency);
+    let delay = Latency::from_bytes(&totals.delay_hdr).unwrap_or_default();
+    histogram(&mut out, "vtox_delay_seconds", DELAY_HELP, &delay);
+    delivery_gauges(&mut out, totals.buffered, totals.offline);
     gauge(
         &mut out,
         "vtox_agents_up",
@@ -139,18 +187,23 @@ pub fn coordinator(status: &pb::RunStatus, agents_connected: usize) -> String {
 /// One agent's metrics, from its instances' statuses.
 pub fn agent(name: &str, instances: &[pb::InstanceStatus]) -> String {
     let mut total = pb::Counters::default();
-    let mut latency = Latency::new();
+    let (mut latency, mut delay) = (Latency::new(), Latency::new());
     for i in instances {
         if let Some(c) = &i.counters {
             total.add(c);
-            if let Ok(l) = Latency::from_bytes(&c.latency_hdr) {
-                let _ = latency.merge(&l);
+            for (sum, bytes) in [(&mut latency, &c.latency_hdr), (&mut delay, &c.delay_hdr)] {
+                if let Ok(l) = Latency::from_bytes(bytes) {
+                    let _ = sum.merge(&l);
+                }
             }
         }
     }
     let mut out = String::new();
+    let (buffered, offline) = (total.buffered, total.offline);
     families(&mut out, &[(name.to_string(), total)]);
-    histogram(&mut out, "vtox_latency_seconds", &latency);
+    histogram(&mut out, "vtox_latency_seconds", LATENCY_HELP, &latency);
+    histogram(&mut out, "vtox_delay_seconds", DELAY_HELP, &delay);
+    delivery_gauges(&mut out, buffered, offline);
     let up = instances
         .iter()
         .filter(|i| i.phase == pb::Phase::Running as i32)
@@ -180,6 +233,14 @@ mod tests {
             timeouts: 2,
             late_accepted: 1,
             latency_hdr: l.to_bytes(),
+            delay_hdr: {
+                let mut d = Latency::new();
+                d.record_us(3_000_000);
+                d.to_bytes()
+            },
+            buffered: 7,
+            offline: 4,
+            retried: 5,
             ..Default::default()
         };
         let s = pb::RunStatus {
@@ -204,6 +265,22 @@ mod tests {
         assert!(text.contains("vtox_latency_seconds_bucket{le=\"0.0025\"} 2"));
         assert!(text.contains("vtox_latency_seconds_bucket{le=\"+Inf\"} 3"));
         assert!(text.contains("vtox_instances_up 2") && text.contains("vtox_plan_vehicles 10"));
+        // The delay histogram is apart from the service time: one message waited 3 s.
+        assert!(
+            text.contains("vtox_delay_seconds_bucket{le=\"2.5\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("vtox_delay_seconds_bucket{le=\"5\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("vtox_buffered_messages 7") && text.contains("vtox_offline_vehicles 4")
+        );
+        assert!(
+            text.contains("vtox_messages_retried_total{agent=\"a\\\"b\"} 5"),
+            "{text}"
+        );
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             assert_eq!(line.split(' ').count(), 2, "{line}");
         }

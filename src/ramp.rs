@@ -112,7 +112,7 @@ pub fn judge_generator(e: &GeneratorEvidence) -> GeneratorVerdict {
 }
 
 /// What a step failed on, as words a script can match.
-pub const FAILED_AS_HTTP: [&str; 3] = ["success", "p95", "throughput"];
+pub const FAILED_AS_HTTP: [&str; 4] = ["success", "p95", "delay", "throughput"];
 pub const FAILED_AS_DIAGNOSIS: [&str; 2] = ["backlog", "lost"];
 
 /// The side that limited a step.

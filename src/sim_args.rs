@@ -10,11 +10,12 @@ use std::time::Duration;
 
 /// Drive vehicles [first-vehicle, first-vehicle + vehicles) against a VTOX ingest API.
 ///
-/// Each vehicle sends one message of `--batch-size` samples every `--interval` (jittered),
-/// phased so the slice never fires in one burst. The schedule is open: a slow target never
-/// delays later messages; at most `--max-in-flight` requests are outstanding and a tick that
-/// finds them all busy is counted as dropped. Metrics go to stdout, one JSON line per
-/// `--report-every`, cumulative since start, and a final line (`"final": true`) on exit.
+/// Each vehicle makes one message of `--batch-size` samples every `--interval` (jittered),
+/// phased so the slice never fires in one burst, and delivers it as `--delivery` says: by
+/// default as a vehicle's telematics unit does (one upload at a time, the rest buffered and
+/// retried), or at most once (every tick sent at once; one that finds all `--max-in-flight`
+/// connections busy is dropped). Metrics go to stdout, one JSON line per `--report-every`,
+/// cumulative since start, and a final line (`"final": true`) on exit.
 #[derive(Debug, Clone, PartialEq, Parser, Serialize)]
 #[command(name = "vtox-sim", version, about, long_about = None)]
 pub struct SimArgs {
@@ -107,9 +108,26 @@ pub struct SimArgs {
     /// File holding the password for --login (never give it as an argument).
     #[arg(long, value_name = "FILE", requires = "login")]
     pub login_password_file: Option<std::path::PathBuf>,
-    /// Most requests outstanding at once; a tick beyond it is dropped, never queued.
+    /// Most requests outstanding at once (connections). At most once, a tick beyond it is
+    /// dropped; store-and-forward, it waits in its vehicle's buffer.
     #[arg(long, default_value_t = 1024)]
     pub max_in_flight: usize,
+    /// How messages reach the target. store-and-forward: each vehicle has one request in
+    /// flight at most; what it makes meanwhile, or could not deliver, waits in its buffer and
+    /// goes out in order, failures retried with jittered backoff (0.5 s doubling to 30 s).
+    /// at-most-once: the open model, every tick sent at once and never retried.
+    #[arg(long, value_enum, default_value_t = crate::delivery::Delivery::StoreAndForward)]
+    pub delivery: crate::delivery::Delivery,
+    /// Messages each vehicle keeps while it cannot deliver (store-and-forward); when full, the
+    /// oldest waiting one is dropped and counted as `buffer_dropped`.
+    #[arg(long, default_value_t = 600, value_name = "MESSAGES")]
+    pub buffer: usize,
+    /// Vehicles out of coverage, as SHARE%/DURATION: e.g. 5%/90s keeps about 5 % of vehicles
+    /// offline at any moment, each outage lasting around 90 s (tunnels, garages). Offline
+    /// vehicles keep making messages into their buffer and send them on return
+    /// (store-and-forward only).
+    #[arg(long, value_name = "SHARE%/DURATION")]
+    pub dropouts: Option<String>,
     /// Time between two metric lines.
     #[serde(serialize_with = "duration_flag")]
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
@@ -205,6 +223,9 @@ mod tests {
         a.timeout = Duration::from_secs(2);
         a.late_window = Duration::ZERO;
         a.max_in_flight = 9;
+        a.delivery = crate::delivery::Delivery::AtMostOnce;
+        a.buffer = 3;
+        a.dropouts = Some("5%/90s".into());
         a.run_start = Some(1_796_000_000.25);
         a.lease = Some(Duration::from_millis(2500));
         a.tally = Some("/tmp/x y.tally".into());

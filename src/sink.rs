@@ -430,6 +430,7 @@ struct Sender {
 #[derive(Debug, Clone, Default)]
 struct VehicleState {
     count: u64,
+    out_of_order: u64,
     duplicates: u64,
     conflicts: u64,
     seqs: SeqSet,
@@ -446,6 +447,8 @@ pub struct SinkStats {
     bytes: u64,
     points: u64,
     duplicates: u64,
+    out_of_order: u64,
+    unavailable: u64,
     conflicts: u64,
     without_metadata: u64,
     untracked_seq: u64,
@@ -475,6 +478,13 @@ pub struct StatsSnapshot {
     pub vehicles: u64,
     /// Accepted messages whose (vehicle, seq) was already seen.
     pub duplicates: u64,
+    /// Accepted messages with a new seq below one the vehicle had sent before: a vehicle's
+    /// messages arrived out of order.
+    #[serde(default)]
+    pub out_of_order: u64,
+    /// Requests answered 503 by `--outage` or `--max-rps`.
+    #[serde(default)]
+    pub unavailable: u64,
     /// Accepted messages whose (agent, instance) differs from the vehicle's previous sender
     /// less than 2 s earlier.
     pub conflicts: u64,
@@ -501,6 +511,8 @@ pub struct StatsSnapshot {
 pub struct VehicleSnapshot {
     pub vehicle_id: String,
     pub count: u64,
+    #[serde(default)]
+    pub out_of_order: u64,
     pub duplicates: u64,
     pub conflicts: u64,
     pub max_seq: Option<u64>,
@@ -552,9 +564,19 @@ impl SinkStats {
             None => self.vehicles.entry(vehicle_id.to_owned()).or_default(),
         };
         v.count += 1;
-        match msg.meta.seq.and_then(|s| v.seqs.insert(s)) {
-            Some(true) => {}
-            Some(false) => {
+        let highest = v.seqs.max();
+        match msg
+            .meta
+            .seq
+            .and_then(|s| v.seqs.insert(s).map(|new| (s, new)))
+        {
+            Some((seq, true)) => {
+                if highest.is_some_and(|h| seq < h) {
+                    v.out_of_order += 1;
+                    self.out_of_order += 1;
+                }
+            }
+            Some((_, false)) => {
                 v.duplicates += 1;
                 self.duplicates += 1;
             }
@@ -598,6 +620,11 @@ impl SinkStats {
         self.rejected += 1;
     }
 
+    /// Records a request answered 503 (`--outage`, `--max-rps`).
+    pub fn record_unavailable(&mut self) {
+        self.unavailable += 1;
+    }
+
     /// Records a request answered 401.
     pub fn record_unauthorized(&mut self) {
         self.unauthorized += 1;
@@ -631,6 +658,8 @@ impl SinkStats {
             points: self.points,
             vehicles: self.vehicles.len() as u64,
             duplicates: self.duplicates,
+            out_of_order: self.out_of_order,
+            unavailable: self.unavailable,
             conflicts: self.conflicts,
             gaps: self.vehicles.values().map(|v| v.seqs.gaps()).sum(),
             faults: self.faults.iter().map(|(k, v)| (k.clone(), *v)).collect(),
@@ -652,6 +681,7 @@ impl SinkStats {
             .map(|(id, v)| VehicleSnapshot {
                 vehicle_id: id.clone(),
                 count: v.count,
+                out_of_order: v.out_of_order,
                 duplicates: v.duplicates,
                 conflicts: v.conflicts,
                 max_seq: v.seqs.max(),
@@ -666,6 +696,42 @@ impl SinkStats {
             .collect();
         out.sort_by(|a, b| a.vehicle_id.cmp(&b.vehicle_id));
         out
+    }
+}
+
+/// A window of `--outage AT+DURATION` (or just `DURATION`, from the start): a backend that
+/// is down for a while and comes back, answering 503 meanwhile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outage {
+    pub from: Duration,
+    pub until: Duration,
+}
+
+impl Outage {
+    pub fn covers(&self, now: Duration) -> bool {
+        now >= self.from && now < self.until
+    }
+}
+
+impl std::str::FromStr for Outage {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Outage, String> {
+        let (at, length) = match text.split_once('+') {
+            Some((at, length)) => (
+                crate::duration::parse_duration(at.trim()).map_err(|e| e.to_string())?,
+                length,
+            ),
+            None => (Duration::ZERO, text),
+        };
+        let length = crate::duration::parse_duration(length.trim()).map_err(|e| e.to_string())?;
+        if length.is_zero() {
+            return Err(format!("{text:?}: the outage must last longer than 0 s"));
+        }
+        Ok(Outage {
+            from: at,
+            until: at + length,
+        })
     }
 }
 
@@ -714,6 +780,20 @@ impl Admission {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn outages_parse_and_cover_their_window() {
+        let o: Outage = "6s".parse().unwrap();
+        assert_eq!((o.from, o.until), (Duration::ZERO, Duration::from_secs(6)));
+        let o: Outage = "30s+1m".parse().unwrap();
+        assert!(!o.covers(Duration::from_secs(29)));
+        assert!(o.covers(Duration::from_secs(30)));
+        assert!(o.covers(Duration::from_secs(89)));
+        assert!(!o.covers(Duration::from_secs(90)));
+        for bad in ["", "0s", "x+5s", "5s+", "+5s"] {
+            assert!(bad.parse::<Outage>().is_err(), "{bad:?}");
+        }
+    }
 
     const VALID: &str = r#"{"sensor_data": {"data": [{"时间": 1764320000.02, "Ia": 9.81, "Ib": -4.12, "Ic": -5.69, "振动_X": 0.12, "振动_Y": 0.10, "振动_Z": 0.08, "温度": 45.2, "转速": 1450}], "sampling_rate": 50, "batch_size": 10, "fault_type": "normal", "fault_severity": 0.0, "timestamp": "2026-11-28T09:00:00.123456"}, "metadata": {"vehicle_id": "粤B·SEAL·202400000", "model": "SEAL", "agent": "host-a", "instance": 0, "seq": 17, "fault_type": "normal", "fault_severity": 0.0, "sent_at": "2026-11-28T09:00:00.124001Z"}}"#;
     const VID: &str = "粤B·SEAL·202400000";

@@ -5,7 +5,7 @@
 
 use crate::faults::{FaultKind, FaultMix, FaultPlan};
 use crate::fleet::MODELS;
-use crate::rng::{hash3, uniform, Rng};
+use crate::rng::{hash3, mix64, uniform, Rng};
 use std::f64::consts::PI;
 
 pub const AMBIENT_C: f64 = 25.0;
@@ -263,8 +263,10 @@ pub struct Truth {
     pub op: OperatingPoint,
 }
 
-/// One vehicle's evolving state: its drive cycle and fault plan (pure), its winding
-/// temperature (the only memory) and its noise generator.
+/// One vehicle's evolving state: its drive cycle and fault plan (pure), and its winding
+/// temperature (the only memory). Noise is drawn per message from (seed, n, seq), so a message
+/// made now can be synthesized later (a vehicle's buffered message, sent when it can be) with
+/// exactly the samples it would have had.
 #[derive(Debug, Clone)]
 pub struct VehicleModel {
     pub n: u64,
@@ -273,7 +275,7 @@ pub struct VehicleModel {
     pub plan: FaultPlan,
     temp_c: f64,
     last_t: f64,
-    rng: Rng,
+    noise: u64,
 }
 
 impl VehicleModel {
@@ -289,7 +291,7 @@ impl VehicleModel {
             plan,
             temp_c: f64::NAN,
             last_t: f64::NAN,
-            rng: Rng::new(hash3(seed, n, 104)),
+            noise: hash3(seed, n, 104),
         }
     }
 
@@ -297,16 +299,9 @@ impl VehicleModel {
         self.temp_c
     }
 
-    /// Advances the thermal state to `t_rel` and synthesizes the message whose first sample is
-    /// at `t_rel` (Unix time `t_abs`).
-    pub fn message(
-        &mut self,
-        t_rel: f64,
-        t_abs: f64,
-        fs: f64,
-        points: usize,
-        out: &mut Vec<Sample>,
-    ) -> Truth {
+    /// Advances the thermal state to `t_rel` (seconds since the run start), as a message made
+    /// then does, and returns the winding temperature the message carries.
+    pub fn advance(&mut self, t_rel: f64) -> f64 {
         let op = self.cycle.at(t_rel);
         let (kind, severity) = self.plan.state(t_rel);
         let target = thermal_target(op.load, kind, severity);
@@ -319,9 +314,27 @@ impl VehicleModel {
             self.temp_c += (target - self.temp_c) * (1.0 - (-dt / THERMAL_TAU_S).exp());
         }
         self.last_t = t_rel;
+        self.temp_c
+    }
+
+    /// The samples of message `seq`, made at `t_rel` (Unix time `t_abs`) with winding
+    /// temperature `temp_c` (from `advance`): a pure function of its arguments.
+    #[allow(clippy::too_many_arguments)]
+    pub fn render(
+        &self,
+        seq: u64,
+        t_rel: f64,
+        t_abs: f64,
+        temp_c: f64,
+        fs: f64,
+        points: usize,
+        out: &mut Vec<Sample>,
+    ) -> Truth {
+        let op = self.cycle.at(t_rel);
+        let (kind, severity) = self.plan.state(t_rel);
         let input = SignalInput {
             op,
-            temp_c: self.temp_c,
+            temp_c,
             kind,
             severity,
             model: self.model,
@@ -330,8 +343,24 @@ impl VehicleModel {
             fs,
             points,
         };
-        synthesize(&input, &mut self.rng, out);
+        let mut rng = Rng::new(mix64(self.noise ^ seq.wrapping_mul(0xD6E8_FEB8_6659_FD93)));
+        synthesize(&input, &mut rng, out);
         Truth { kind, severity, op }
+    }
+
+    /// Advances to `t_rel` and synthesizes message `seq`, whose first sample is at `t_rel`
+    /// (Unix time `t_abs`).
+    pub fn message(
+        &mut self,
+        seq: u64,
+        t_rel: f64,
+        t_abs: f64,
+        fs: f64,
+        points: usize,
+        out: &mut Vec<Sample>,
+    ) -> Truth {
+        let temp_c = self.advance(t_rel);
+        self.render(seq, t_rel, t_abs, temp_c, fs, points, out)
     }
 }
 
@@ -449,9 +478,11 @@ mod tests {
         let mut buf = Vec::new();
         let mut t = 0.0;
         let (mut first_gap, mut gap) = (None, 0.0);
+        let mut seq = 0;
         while t < 3600.0 {
-            faulty.message(t, 0.0, 50.0, 10, &mut buf);
-            healthy.message(t, 0.0, 50.0, 10, &mut buf);
+            faulty.message(seq, t, 0.0, 50.0, 10, &mut buf);
+            healthy.message(seq, t, 0.0, 50.0, 10, &mut buf);
+            seq += 1;
             gap = faulty.temp_c() - healthy.temp_c();
             first_gap.get_or_insert(gap);
             t += 1.2;
@@ -513,10 +544,33 @@ mod tests {
     fn samples_are_timed_at_the_sampling_rate() {
         let mut v = VehicleModel::new(1, 3, &FaultMix::none());
         let mut buf = Vec::new();
-        v.message(100.0, 1_764_320_000.0, 50.0, 10, &mut buf);
+        v.message(0, 100.0, 1_764_320_000.0, 50.0, 10, &mut buf);
         assert_eq!(buf.len(), 10);
         assert!((buf[1].t - buf[0].t - 0.02).abs() < 1e-6);
         assert!((buf[9].t - 1_764_320_000.18).abs() < 1e-6);
         assert_eq!(buf[0].rpm, buf[0].rpm.round());
+    }
+
+    #[test]
+    fn a_message_synthesized_later_has_the_samples_it_had_when_made() {
+        let mix: FaultMix = "bearing=50".parse().unwrap();
+        let mut now = VehicleModel::new(7, 11, &mix);
+        let mut later = VehicleModel::new(7, 11, &mix);
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        let mut kept = Vec::new();
+        for seq in 0..20u64 {
+            let t = seq as f64 * 1.2;
+            now.message(seq, t, 1.7e9 + t, 50.0, 10, &mut a);
+            kept.push((seq, t, later.advance(t), a.clone()));
+        }
+        // Made at their ticks, synthesized afterwards and out of step with making.
+        for (seq, t, temp, made) in kept.iter().rev() {
+            later.render(*seq, *t, 1.7e9 + t, *temp, 50.0, 10, &mut b);
+            assert_eq!(&b, made, "seq {seq}");
+        }
+        // Noise differs from message to message.
+        now.message(20, 24.0, 1.7e9, 50.0, 10, &mut a);
+        now.message(21, 24.0, 1.7e9, 50.0, 10, &mut b);
+        assert_ne!(a, b);
     }
 }

@@ -37,9 +37,12 @@ pub const PROTOCOL_MAJOR: u32 = 1;
 impl pb::Counters {
     /// The counters of one metric line of `vtox-sim`.
     pub fn from_report(r: &SimReport) -> Self {
-        let latency_hdr = base64::engine::general_purpose::STANDARD
-            .decode(&r.latency)
-            .unwrap_or_default();
+        let hdr = |b64: &str| {
+            base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .unwrap_or_default()
+        };
+        let latency_hdr = hdr(&r.latency);
         pb::Counters {
             sent: r.sent,
             accepted: r.accepted,
@@ -67,6 +70,18 @@ impl pb::Counters {
             latency_summary: None,
             active_vehicles: r.active_vehicles,
             bad_lines: 0,
+            produced: r.produced,
+            buffered: r.buffered,
+            retried: r.retried,
+            buffer_dropped: r.buffer_dropped,
+            delivered_late: r.delivered_late,
+            resent_after_timeout: r.resent_after_timeout,
+            discarded: r.discarded,
+            offline: r.offline,
+            offline_ticks: r.offline_ticks,
+            delay_hdr: hdr(&r.delay),
+            late_age_hdr: hdr(&r.late_age),
+            delay_summary: None,
         }
     }
 
@@ -91,6 +106,15 @@ impl pb::Counters {
         }
         self.active_vehicles += o.active_vehicles;
         self.bad_lines += o.bad_lines;
+        self.produced += o.produced;
+        self.buffered += o.buffered;
+        self.retried += o.retried;
+        self.buffer_dropped += o.buffer_dropped;
+        self.delivered_late += o.delivered_late;
+        self.resent_after_timeout += o.resent_after_timeout;
+        self.discarded += o.discarded;
+        self.offline += o.offline;
+        self.offline_ticks += o.offline_ticks;
         self.max_lag_ms = self.max_lag_ms.max(o.max_lag_ms);
         self.elapsed_s = self.elapsed_s.max(o.elapsed_s);
     }
@@ -169,6 +193,8 @@ mod tests {
         failures.timeout = 1;
         failures.protocol = 2;
         failures.tls = 1;
+        let mut delay = Latency::new();
+        delay.record_us(9000);
         let r = SimReport {
             sent: 10,
             accepted: 4,
@@ -176,6 +202,16 @@ mod tests {
             logins: 2,
             failures,
             latency: lat.encode(),
+            produced: 9,
+            buffered: 3,
+            retried: 2,
+            buffer_dropped: 1,
+            delivered_late: 1,
+            resent_after_timeout: 1,
+            discarded: 1,
+            offline: 2,
+            offline_ticks: 5,
+            delay: delay.encode(),
             ..Default::default()
         };
         let c = pb::Counters::from_report(&r);
@@ -192,5 +228,25 @@ mod tests {
         assert!((total.success_percent() - 40.0).abs() < 1e-9);
         let back = Latency::from_bytes(&c.latency_hdr).unwrap();
         assert_eq!(back.count(), 1);
+        assert_eq!(
+            (
+                total.produced,
+                total.buffered,
+                total.retried,
+                total.buffer_dropped
+            ),
+            (18, 6, 4, 2)
+        );
+        assert_eq!(
+            (
+                total.delivered_late,
+                total.resent_after_timeout,
+                total.discarded,
+                total.offline,
+                total.offline_ticks
+            ),
+            (2, 2, 2, 4, 10)
+        );
+        assert_eq!(Latency::from_bytes(&c.delay_hdr).unwrap().count(), 1);
     }
 }

@@ -563,8 +563,8 @@ fn a_slow_diagnosis_fails_its_ramp_step_as_backlog() {
     let html = std::fs::read_to_string(logs.0.join("report.html")).expect("the HTML report");
     assert_eq!(
         html.matches("<svg").count(),
-        4,
-        "a fourth chart for the diagnosis"
+        5,
+        "throughput, latency, delay, success and a fifth chart for the diagnosis"
     );
     assert!(html.contains("slowest live consumer group"));
     let ok = &steps[0]["backend_pipeline"];

@@ -148,6 +148,9 @@ fn a_slow_target_bounds_memory_and_counts_dropped_ticks() {
             &target,
             "--interval",
             "0.2s",
+            // The open model: a tick that finds every connection busy is dropped.
+            "--delivery",
+            "at-most-once",
             "--max-in-flight",
             "50",
             "--timeout",
@@ -250,6 +253,9 @@ fn against_a_stalled_sink(late_window: &str) -> (SimReport, u64) {
             "1s",
             "--late-window",
             late_window,
+            // Each message is sent once: what the sink took is known from late answers alone.
+            "--delivery",
+            "at-most-once",
             "--duration",
             "2s",
         ],
