@@ -7,6 +7,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={f}");
     }
     let descriptors = protox::compile(files, ["proto"])?;
-    tonic_prost_build::configure().compile_fds(descriptors)?;
+    // The services speak through `wire::LeanCodec`: prost's codec with small starting buffers.
+    tonic_prost_build::configure()
+        .codec_path("crate::wire::LeanCodec")
+        .compile_fds(descriptors)?;
     Ok(())
 }

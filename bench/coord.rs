@@ -80,7 +80,7 @@ async fn light_agent(
     i: u64,
     stop: tokio::sync::watch::Receiver<bool>,
     leases: Arc<Leases>,
-    histograms: Arc<Vec<Vec<u8>>>,
+    histograms: Arc<Vec<(Vec<u8>, Vec<u8>)>>,
 ) -> Result<(), String> {
     let channel = tonic::transport::Endpoint::from_shared(url)
         .map_err(|e| e.to_string())?
@@ -166,7 +166,7 @@ async fn light_agent(
                 // Histograms grow like those of simulators; encoding them is the agents' work,
                 // not the coordinator's, so they are made once for the whole bench.
                 ticks += 1;
-                let hdr = &histograms[(ticks + i as usize % 8).min(histograms.len() - 1)];
+                let (hdr, delay) = &histograms[(ticks + i as usize % 8).min(histograms.len() - 1)];
                 let instances = assignment.instances.iter().map(|x| pb::InstanceStatus {
                     run_id: assignment.run_id.clone(),
                     index: x.index,
@@ -177,7 +177,8 @@ async fn light_agent(
                     incarnation: 1,
                     counters: Some(pb::Counters {
                         sent, accepted: sent, bytes: sent * 1780, elapsed_s: started.elapsed().as_secs_f64(),
-                        latency_hdr: hdr.clone(), active_vehicles: x.vehicles, ..Default::default()
+                        latency_hdr: hdr.clone(), delay_hdr: delay.clone(), produced: sent,
+                        active_vehicles: x.vehicles, ..Default::default()
                     }),
                     last_error: String::new(),
                 }).collect();
@@ -258,16 +259,20 @@ fn main() {
         let leases = Arc::new(Leases::default());
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut tasks = Vec::new();
-        // Histograms as they grow second by second: 50 latencies more each time.
+        // Histograms as they grow second by second: 50 latencies more each time, and the
+        // delays of the same messages (their latency plus the wait before they went out), as
+        // a simulator's metric lines carry both.
         let seconds_in_all = 100 + 3 * agents / join_rate + seconds;
-        let mut latency = Latency::new();
-        let histograms: Arc<Vec<Vec<u8>>> = Arc::new(
+        let (mut latency, mut delay) = (Latency::new(), Latency::new());
+        let histograms: Arc<Vec<(Vec<u8>, Vec<u8>)>> = Arc::new(
             (0..seconds_in_all)
                 .map(|t| {
                     for k in 0..50 {
-                        latency.record_us(800 + (k * 101 + t * 37) % 5000);
+                        let us = 800 + (k * 101 + t * 37) % 5000;
+                        latency.record_us(us);
+                        delay.record_us(us + 50 + (k * 13 + t) % 400);
                     }
-                    latency.to_bytes()
+                    (latency.to_bytes(), delay.to_bytes())
                 })
                 .collect(),
         );
@@ -309,7 +314,8 @@ fn main() {
         // Let the assignments settle and every histogram arrive, then measure.
         tokio::time::sleep(Duration::from_secs(5)).await;
         let late_before = leases.late.load(Ordering::Relaxed);
-        println!("coordinator RSS with the run going, before anyone asked for a status: {:.0} MiB", rss_mib(pid));
+        let rss_run = rss_mib(pid);
+        println!("coordinator RSS with the run going, before anyone asked for a status: {rss_run:.0} MiB");
         let (t0, c0) = (Instant::now(), cpu_ticks(pid));
         // The watcher is another process in real life (`vtox-coord status --watch`): it gets a
         // runtime of its own, so that the light agents' work cannot delay its answers.
@@ -364,9 +370,11 @@ fn main() {
         );
         // What the run adds (its instances' reports, histograms, merged statuses), per instance:
         // it was 225 KB when each instance's histogram was kept dense.
+        let per = |rss: f64| (rss - rss_no_run).max(0.0) * 1024.0 / instances.max(1) as f64;
         println!(
-            "memory the run adds per instance: {:.1} KB",
-            (peak_rss - rss_no_run).max(0.0) * 1024.0 / instances.max(1) as f64
+            "memory the run adds per instance: {:.1} KB held (its reports, histograms, the state written), {:.1} KB at the peak (with statuses of the whole fleet being merged and answered)",
+            per(rss_run),
+            per(peak_rss)
         );
         println!(
             "leases: longest gap between two assignments {} ms; {} later than the {} s lease ({} of them before the measurement)",

@@ -8,7 +8,8 @@
 #   bash bench/sim.sh                      # everything (~3 min after installs and the build)
 #   ONLY=wrk,locust bash bench/sim.sh      # just the baselines
 #
-# Parts (ONLY, comma separated): wrk, locust, sim (throughput), mem, acc.
+# Parts (ONLY, comma separated): wrk, locust, sim (throughput, store-and-forward), amo (the
+# same at most once), tls (wrk and vtox-sim over HTTPS), mem, acc, buf (full buffers).
 # Environment knobs (defaults in brackets):
 #   DURATION [20]        seconds for each throughput run (wrk, locust, vtox-sim)
 #   ROUNDS [1]           interleaved throughput rounds; each tool's median round is reported
@@ -16,6 +17,8 @@
 #   MAX_IN_FLIGHT [256]  vtox-sim --max-in-flight for the throughput run
 #   MEM_DURATION [40]    seconds of the memory run (100k vehicles, interval 60 s)
 #   ACC_DURATION [40]    seconds of the rate-accuracy run (10k vehicles, interval 1.2 s)
+#   BUF_VEHICLES [10000] vehicles of the full-buffer run (interval 0.1 s, --buffer 600,
+#                        against a closed port, so every buffer fills in 60 s)
 #   GEN_CPU [0] SRV_CPU [1]
 #   VENV [bench/.venv]   virtualenv holding locust
 #   SIM [target/release/vtox-sim]
@@ -40,7 +43,8 @@ MEM_DURATION=${MEM_DURATION:-40}
 ACC_DURATION=${ACC_DURATION:-40}
 GEN_CPU=${GEN_CPU:-0}
 SRV_CPU=${SRV_CPU:-1}
-ONLY=${ONLY:-wrk,locust,sim,mem,acc}
+BUF_VEHICLES=${BUF_VEHICLES:-10000}
+ONLY=${ONLY:-wrk,locust,sim,amo,tls,mem,acc,buf}
 ROUNDS=${ROUNDS:-1}
 SFX=""
 VENV=${VENV:-$BENCH/.venv}
@@ -114,11 +118,12 @@ NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 
 install_deps() {
   local apt=()
-  if want wrk || want locust || want sim || want mem || want acc; then
+  if want wrk || want locust || want sim || want amo || want tls || want mem || want acc; then
     [[ -x "$NGINX" ]] || apt+=(nginx)
   fi
-  want wrk && ! command -v wrk >/dev/null && apt+=(wrk)
-  { want mem || want sim || want acc; } && [[ ! -x /usr/bin/time ]] && apt+=(time)
+  { want wrk || want tls; } && ! command -v wrk >/dev/null && apt+=(wrk)
+  want tls && ! command -v openssl >/dev/null && apt+=(openssl)
+  { want mem || want sim || want amo || want tls || want acc || want buf; } && [[ ! -x /usr/bin/time ]] && apt+=(time)
   command -v taskset >/dev/null || apt+=(util-linux)
   command -v pgrep >/dev/null || apt+=(procps)
   if ((${#apt[@]})); then
@@ -169,8 +174,30 @@ prepare_sim() {
 NGINX_PID=""
 NGINX_PORT=""
 NGINX_PREFIX=""
+NGINX_TLS=0      # 1: listen with ssl (a throwaway certificate for 127.0.0.1, in $WORK/tls)
+NGINX_SCHEME=http
+make_cert() { # a throwaway CA ($WORK/tls/ca.pem) and a server certificate for 127.0.0.1 it signed
+  [[ -s "$WORK/tls/cert.pem" ]] && return 0
+  mkdir -p "$WORK/tls"
+  local d=$WORK/tls
+  {
+    openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=vtox-bench-ca \
+      -keyout "$d/ca.key" -out "$d/ca.pem" &&
+      openssl req -newkey rsa:2048 -nodes -subj /CN=127.0.0.1 -keyout "$d/key.pem" -out "$d/server.csr" &&
+      printf 'subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' >"$d/ext.cnf" &&
+      openssl x509 -req -in "$d/server.csr" -CA "$d/ca.pem" -CAkey "$d/ca.key" -CAcreateserial \
+        -days 1 -extfile "$d/ext.cnf" -out "$d/cert.pem"
+  } >"$d/openssl.log" 2>&1
+}
 start_nginx() { # NAME; returns non-zero if nginx does not answer 200
-  local name=$1 user_line="" probe
+  local name=$1 user_line="" probe listen_extra="" ssl_lines=""
+  NGINX_SCHEME=http
+  if [[ "$NGINX_TLS" == 1 ]]; then
+    make_cert || { log "openssl could not make a certificate"; return 1; }
+    listen_extra=" ssl"
+    ssl_lines="ssl_certificate $WORK/tls/cert.pem; ssl_certificate_key $WORK/tls/key.pem; ssl_session_cache shared:SSL:1m;"
+    NGINX_SCHEME=https
+  fi
   NGINX_PREFIX=$WORK/nginx-$name
   mkdir -p "$NGINX_PREFIX/logs" "$NGINX_PREFIX/tmp"
   NGINX_PORT=$(helper free-port) || return 1
@@ -196,7 +223,8 @@ http {
   keepalive_requests 1000000;
   keepalive_timeout 75s;
   server {
-    listen 127.0.0.1:$NGINX_PORT backlog=4096;
+    listen 127.0.0.1:$NGINX_PORT$listen_extra backlog=4096;
+    $ssl_lines
     location / {
       default_type application/json;
       return 200 '{"status":"success"}';
@@ -213,7 +241,7 @@ EOF
     tail -n 20 "$NGINX_PREFIX/logs/error.log" "$NGINX_PREFIX/logs/stdout.log" >&2 || true
     return 1
   fi
-  probe=$(helper probe "http://127.0.0.1:$NGINX_PORT/api/v1/diagnosis-stream/simulator/vehicles/x/data?location=y") || return 1
+  probe=$(helper probe "$NGINX_SCHEME://127.0.0.1:$NGINX_PORT/api/v1/diagnosis-stream/simulator/vehicles/x/data?location=y") || return 1
   [[ "$probe" == *'"status": 200'* ]] || { log "nginx probe: $probe"; return 1; }
   log "nginx ($name) on 127.0.0.1:$NGINX_PORT, pid $NGINX_PID, cpu $SRV_CPU"
 }
@@ -282,16 +310,21 @@ run_sim() {
 }
 
 unavailable() { helper unavailable "$2" >"$PARTS/$1.json"; log "$1: $2"; }
-for p in wrk locust sim mem acc; do want "$p" || helper unavailable "not run (ONLY=$ONLY)" >"$PARTS/$p.json"; done
+for p in wrk locust sim amo wrktls simtls mem acc buf bufbase; do
+  part=$p
+  [[ $p == wrktls || $p == simtls ]] && part=tls
+  [[ $p == bufbase ]] && part=buf
+  want "$part" || helper unavailable "not run (ONLY=$ONLY)" >"$PARTS/$p.json"
+done
 
 # ---------------------------------------------------------------- parts
-part_wrk() {
-  local part=wrk$SFX rc=0
+part_wrk() { # [PART]: wrk$SFX by default; wrktls$SFX with NGINX_TLS=1
+  local part=${1:-wrk$SFX} rc=0
   start_nginx "$part" || { unavailable "$part" "nginx did not start"; stop_nginx; return 0; }
-  log "wrk -t1 -c$CONNS -d${DURATION}s (cpu $GEN_CPU)"
+  log "wrk -t1 -c$CONNS -d${DURATION}s (cpu $GEN_CPU) $NGINX_SCHEME"
   run_logged "$WORK/$part.out" env WRK_DUMP_BODY="$WORK/wrk_body.json" \
     taskset -c "$GEN_CPU" wrk -t1 "-c$CONNS" "-d${DURATION}s" --timeout 5s \
-    -s "$BENCH/wrk_post.lua" "http://127.0.0.1:$NGINX_PORT" || rc=$?
+    -s "$BENCH/wrk_post.lua" "$NGINX_SCHEME://127.0.0.1:$NGINX_PORT" || rc=$?
   stop_nginx
   mkdir -p "$RAW" && cp "$WORK/$part.out" "$WORK/wrk_body.json" "$RAW/" 2>/dev/null || true
   ((rc == 0)) || log "wrk exited $rc"
@@ -318,8 +351,10 @@ sim_part() { # PART NAME DURATION FIELD FROM_S EXPECTED(or "") ARGS...
   shift 6
   ((SIM_OK)) || { unavailable "$part" "$SIM_REASON"; return 0; }
   start_nginx "$name" || { unavailable "$part" "nginx did not start"; stop_nginx; return 0; }
-  run_sim "$name" "$dur" --target "http://127.0.0.1:$NGINX_PORT" --report-every 1s --agent bench \
-    --duration "${dur}s" "$@"
+  local -a trust=()
+  [[ "$NGINX_TLS" == 1 ]] && trust=(--target-ca "$WORK/tls/ca.pem")
+  run_sim "$name" "$dur" --target "$NGINX_SCHEME://127.0.0.1:$NGINX_PORT" --report-every 1s --agent bench \
+    --duration "${dur}s" ${trust[@]+"${trust[@]}"} "$@"
   stop_nginx
   local -a opt=(--rc "$SIM_RC" --peak-kb "$SIM_PEAK_KB")
   [[ -n "$expected" ]] && opt+=(--expected "$expected")
@@ -332,7 +367,7 @@ write_config() {
 import json, sys
 json.dump({
   "duration_s": $DURATION, "rounds": $ROUNDS, "loadavg_at_start": "$(cut -d' ' -f1-3 /proc/loadavg)", "connections": $CONNS, "max_in_flight": $MAX_IN_FLIGHT,
-  "mem_duration_s": $MEM_DURATION, "acc_duration_s": $ACC_DURATION,
+  "mem_duration_s": $MEM_DURATION, "acc_duration_s": $ACC_DURATION, "buf_vehicles": $BUF_VEHICLES,
   "gen_cpu": "$GEN_CPU", "srv_cpu": "$SRV_CPU", "only": "$ONLY",
   "sim_warmup_s": $SIM_WARMUP_S, "acc_from_s": $ACC_FROM_S,
   "sim_extra_args": "$SIM_EXTRA_ARGS",
@@ -348,7 +383,7 @@ EOF
 if (($(nproc) < 2)); then log "warning: fewer than 2 cores; generator and nginx share a core"; fi
 install_deps
 rm -rf "$RAW"
-if want sim || want mem || want acc; then prepare_sim; fi
+if want sim || want amo || want tls || want mem || want acc || want buf; then prepare_sim; fi
 write_config
 
 # throughput: ROUNDS interleaved rounds of wrk, locust, vtox-sim; each tool's median round counts
@@ -357,17 +392,45 @@ for ((round = 1; round <= ROUNDS; round++)); do
   want wrk && part_wrk
   want locust && part_locust
   want sim && sim_part "sim$SFX" "sim-throughput$SFX" "$DURATION" accepted "$SIM_WARMUP_S" "" \
-    --vehicles 120000 --interval 1s --max-in-flight "$MAX_IN_FLIGHT"
+    --vehicles 120000 --interval 1s --max-in-flight "$MAX_IN_FLIGHT" --delivery store-and-forward
+  want amo && sim_part "amo$SFX" "sim-at-most-once$SFX" "$DURATION" accepted "$SIM_WARMUP_S" "" \
+    --vehicles 120000 --interval 1s --max-in-flight "$MAX_IN_FLIGHT" --delivery at-most-once
+  if want tls; then
+    NGINX_TLS=1
+    part_wrk "wrktls$SFX"
+    sim_part "simtls$SFX" "sim-tls$SFX" "$DURATION" accepted "$SIM_WARMUP_S" "" \
+      --vehicles 120000 --interval 1s --max-in-flight "$CONNS"
+    NGINX_TLS=0
+  fi
 done
 if ((ROUNDS > 1)); then
-  for p in wrk locust sim; do
-    want "$p" && helper median "$PARTS"/$p.r*.json >"$PARTS/$p.json"
+  for p in wrk locust sim amo wrktls simtls; do
+    part=$p
+    [[ $p == wrktls || $p == simtls ]] && part=tls
+    want "$part" && helper median "$PARTS"/$p.r*.json >"$PARTS/$p.json"
   done
 fi
 want mem && sim_part mem sim-memory "$MEM_DURATION" sent 5 "" \
   --vehicles 100000 --interval 60s
 want acc && sim_part acc sim-accuracy "$ACC_DURATION" sent "$ACC_FROM_S" \
   "$("$PY" -c 'print(10000/1.2)')" --vehicles 10000 --interval 1.2s
+
+# Memory per vehicle with full buffers: a backend that is down (a closed port: every try is
+# refused at once and retried with backoff) while every vehicle makes ten messages a second,
+# so each buffer of 600 fills within 60 s; the same fleet with --buffer 1 is the baseline.
+part_buf() { # PART BUFFER DURATION_S
+  local part=$1 buffer=$2 dur=$3 port
+  ((SIM_OK)) || { unavailable "$part" "$SIM_REASON"; return 0; }
+  port=$(helper free-port)
+  run_sim "$part" "$dur" --target "http://127.0.0.1:$port" --report-every 1s --agent bench \
+    --duration "${dur}s" --vehicles "$BUF_VEHICLES" --interval 0.1s --buffer "$buffer"
+  helper sim "$WORK/$part.jsonl" produced 5 --rc "$SIM_RC" --peak-kb "$SIM_PEAK_KB" >"$PARTS/$part.json" ||
+    unavailable "$part" "could not parse vtox-sim output"
+}
+if want buf; then
+  part_buf buf 600 75
+  part_buf bufbase 1 20
+fi
 
 report_rc=0
 helper report "$PARTS" "$RESULTS" || report_rc=$?

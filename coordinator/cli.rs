@@ -479,7 +479,10 @@ pub async fn status(a: StatusArgs) -> Result<ExitCode> {
     let redis = BackendRedis::connect(&a.redis).await?;
     if !a.watch {
         let s = client
-            .status(pb::StatusRequest::default())
+            .status(pb::StatusRequest {
+                fresh: true,
+                ..Default::default()
+            })
             .await
             .map_err(status_error)?
             .into_inner();

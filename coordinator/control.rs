@@ -844,8 +844,17 @@ impl Control {
             if status.run_id != run_id {
                 continue;
             }
-            changed = true;
             let key = (agent.to_string(), status.index, status.incarnation);
+            // A report like the last one (an exited instance, heartbeat after heartbeat)
+            // changes nothing, so statuses merged since stay exact.
+            if self
+                .incarnations
+                .get(&key)
+                .is_some_and(|old| **old == status)
+            {
+                continue;
+            }
+            changed = true;
             match self.incarnations.entry(key) {
                 std::collections::btree_map::Entry::Occupied(mut e) => {
                     let old = e
@@ -874,6 +883,8 @@ impl Control {
                                 (status.counters.as_mut(), &e.get().counters)
                             {
                                 c.latency_hdr = o.latency_hdr.clone();
+                                c.delay_hdr = o.delay_hdr.clone();
+                                c.late_age_hdr = o.late_age_hdr.clone();
                             }
                         }
                         e.insert(Arc::new(status));
@@ -964,21 +975,33 @@ pub struct StateToWrite {
 }
 
 impl StateToWrite {
-    /// The `pb::StoredState` encoding. The incarnations are appended as the repeated field
-    /// they are (field 3 of StoredState; agent 1 and status 2 of StoredIncarnation), straight
-    /// from the shared reports: building the message would copy every one of them first.
-    pub fn encode(&self) -> Vec<u8> {
+    /// The `pb::StoredState` encoding, written to `out` as it is made. The incarnations are
+    /// appended as the repeated field they are (field 3 of StoredState; agent 1 and status 2
+    /// of StoredIncarnation), one at a time from the shared reports: building the message, or
+    /// the whole encoding in memory, would first copy tens of MB for 10,000 agents.
+    pub fn write_to(&self, out: &mut impl std::io::Write) -> std::io::Result<()> {
         use prost::encoding::{encode_key, encode_varint, message, string, WireType};
         const INCARNATIONS: u32 = 3;
-        let mut buf = prost::Message::encode_to_vec(&self.head);
+        out.write_all(&prost::Message::encode_to_vec(&self.head))?;
+        let mut buf = Vec::new();
         for (agent, status) in &self.incarnations {
+            buf.clear();
             let len = string::encoded_len(1, agent) + message::encoded_len(2, &**status);
             encode_key(INCARNATIONS, WireType::LengthDelimited, &mut buf);
             encode_varint(len as u64, &mut buf);
             string::encode(1, agent, &mut buf);
             message::encode(2, &**status, &mut buf);
+            out.write_all(&buf)?;
         }
-        buf
+        Ok(())
+    }
+
+    /// The whole encoding in memory (for tests).
+    #[cfg(test)]
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        let _ = self.write_to(&mut out);
+        out
     }
 }
 
@@ -1011,10 +1034,11 @@ pub struct StatusSnapshot {
 }
 
 /// Each agent's merged histogram as of its `reported` mark, kept between statuses (as its
-/// uncompressed V2 bytes, a few KB, rather than decoded buckets, which are ten times that).
+/// uncompressed V2 bytes, a few KB, rather than decoded buckets, which are ten times that),
+/// with the percentiles read from it.
 #[derive(Default)]
 pub struct MergedCache {
-    merged: HashMap<String, (u64, Arc<Vec<u8>>)>,
+    merged: HashMap<String, (u64, Arc<Vec<u8>>, pb::LatencySummary)>,
 }
 
 /// A rendered status and, beside it, each agent's merged histogram in the status's agent
@@ -1092,6 +1116,9 @@ impl StatusSnapshot {
         let mut totals = pb::Counters::default();
         let mut fleet = BucketSum::default();
         let (mut delay, mut late_age) = (BucketSum::default(), BucketSum::default());
+        // Each agent's instances are summed here, then taken out: one buffer for all agents.
+        let mut scratch = BucketSum::default();
+        let mut merged = Buckets::default();
         let mut agents = Vec::with_capacity(self.agents.len());
         let mut histograms = Vec::with_capacity(self.agents.len());
         for a in self.agents {
@@ -1132,27 +1159,29 @@ impl StatusSnapshot {
                     }
                 }
             }
-            let (merged, bytes) = match cache.merged.get(&a.name) {
-                Some((mark, bytes)) if *mark == a.reported => (
-                    Buckets::from_bytes(bytes).unwrap_or_default(),
-                    bytes.clone(),
-                ),
+            let (bytes, agent_summary) = match cache.merged.get(&a.name) {
+                Some((mark, bytes, summary)) if *mark == a.reported => {
+                    let _ = fleet.add_bytes(bytes);
+                    (bytes.clone(), *summary)
+                }
                 _ => {
-                    let mut b = Buckets::default();
+                    // A histogram that does not decode adds nothing.
                     for s in &a.reports {
                         if let Some(c) = &s.counters {
-                            b.merge(&Buckets::from_bytes(&c.latency_hdr).unwrap_or_default());
+                            let _ = scratch.add_bytes(&c.latency_hdr);
                         }
                     }
-                    let bytes = Arc::new(b.to_bytes());
+                    scratch.take_into(&mut merged);
+                    fleet.add(&merged);
+                    let bytes = Arc::new(merged.to_bytes());
+                    let agent_summary = summary(&merged);
                     cache
                         .merged
-                        .insert(a.name.clone(), (a.reported, bytes.clone()));
-                    (b, bytes)
+                        .insert(a.name.clone(), (a.reported, bytes.clone(), agent_summary));
+                    (bytes, agent_summary)
                 }
             };
-            fleet.add(&merged);
-            agent_totals.latency_summary = Some(summary(&merged));
+            agent_totals.latency_summary = Some(agent_summary);
             histograms.push(bytes);
             totals.add(&agent_totals);
             agents.push(pb::AgentStatus {

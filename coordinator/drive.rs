@@ -325,7 +325,10 @@ pub async fn settled(client: &mut ControlClient, run_id: &str) -> Result<pb::Run
     let started = Instant::now();
     loop {
         let status = client
-            .status(pb::StatusRequest::default())
+            .status(pb::StatusRequest {
+                fresh: true,
+                ..Default::default()
+            })
             .await
             .map_err(status_error)?
             .into_inner();

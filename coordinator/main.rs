@@ -210,7 +210,20 @@ pub struct AgentsArgs {
     pub json: bool,
 }
 
+/// glibc adapts its mmap threshold to the largest block freed, after which buffers of tens of
+/// MB (a 10,000-agent status, a state file's worth of reports) come from the heap and their
+/// pages stay with the process; a fixed threshold returns them on free. Measured with 10,000
+/// agents: 1,139 MiB peak RSS before, 914 MiB after (README, scaling).
+fn keep_large_buffers_returnable() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator parameter; called before any thread starts.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
+}
+
 fn main() -> ExitCode {
+    keep_large_buffers_returnable();
     let cli = Cli::parse();
     // The server logs its work; the CLI commands print results and keep logs to warnings.
     let default_level = if matches!(cli.cmd, Cmd::Serve(_)) {

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, watch, Notify};
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_stream::Stream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 use vtox::wire::pb::{self, agent_message, coordinator_message};
 use vtox::wire::PROTOCOL_MAJOR;
@@ -24,12 +24,16 @@ const STATE_FILE: &str = "state.pb";
 /// Outbound messages queued per agent before the coordinator stops waiting for a slow one.
 const SESSION_QUEUE: usize = 16;
 
-/// A status that took this long to make is made at most once per heartbeat, ahead of the
-/// watchers, and answered from (at most two heartbeats old) rather than made per request.
+/// A status that took this long to make is made in the background, ahead of the watchers,
+/// and answered from rather than made per request (unless `StatusRequest.fresh` asks).
 const EXPENSIVE_STATUS: Duration = Duration::from_millis(20);
 
-/// Statuses are made ahead only while someone asked for one this recently.
+/// Expensive statuses are made ahead every heartbeat while someone asked for one this
+/// recently ...
 const WATCHED: Duration = Duration::from_secs(5);
+
+/// ... and this often otherwise, so that the counters a first look gets are at most this old.
+const UNWATCHED_REFRESH: Duration = Duration::from_secs(10);
 
 /// Ticks asked for by events (joins, sessions, stops) come at most this often: a thousand
 /// agents joining in a second cost a few ticks, not a thousand.
@@ -52,7 +56,10 @@ pub struct Settings {
 /// What an agent was last sent: its session, run and instances (index, first, vehicles).
 type Sent = (u64, String, Vec<(u32, u64, u64)>);
 
-type Outbox = mpsc::Sender<Result<pb::CoordinatorMessage, Status>>;
+/// An agent's outbound queue. Its items are boxed: a channel allocates its slots 32 at a
+/// time, and an assignment with its run spec is hundreds of bytes, which for 10,000 agents
+/// made the queues alone a quarter of a GB.
+type Outbox = mpsc::Sender<Box<pb::CoordinatorMessage>>;
 
 struct Shared {
     core: Control,
@@ -185,11 +192,12 @@ impl Coordinator {
         status
     }
 
-    /// The run status. Its run fields (state, elapsed, unassigned) are always current; its
-    /// counters are the last render's if nothing changed since, or if renders are expensive
-    /// (a large fleet) and the last is recent or its successor is being made, so that a
-    /// watcher never waits behind the merging; otherwise they are merged now.
-    fn status(&self, agent_histograms: bool) -> pb::RunStatus {
+    /// The run status. Its run fields (state, elapsed, unassigned) are always current. Its
+    /// counters are merged now when `fresh` is asked for, or when merging is cheap and
+    /// something changed since the last merge; otherwise they are the last merge's: a fleet
+    /// large enough for merging to cost (thousands of agents) is merged in the background,
+    /// ahead of whoever watches (`refresh_status`), and a watcher never waits behind it.
+    fn status(&self, agent_histograms: bool, fresh: bool) -> pb::RunStatus {
         let (version, head) = {
             let sh = self.lock();
             (sh.core.version(), sh.core.run_head(now()))
@@ -198,10 +206,8 @@ impl Coordinator {
             let mut last = lock(&self.last_status);
             last.as_mut().and_then(|l| {
                 l.asked = Instant::now();
-                let recent = l.took >= EXPENSIVE_STATUS
-                    && (l.made.elapsed() < 2 * self.settings.heartbeat.max(4 * l.took)
-                        || self.refreshing.load(std::sync::atomic::Ordering::Acquire));
-                (l.version == version || recent).then(|| l.status.clone())
+                let usable = l.version == version || (!fresh && l.took >= EXPENSIVE_STATUS);
+                usable.then(|| l.status.clone())
             })
         };
         if let Some(answer) = cached.and_then(|r| r.answer(head, agent_histograms)) {
@@ -215,15 +221,31 @@ impl Coordinator {
         }
     }
 
-    /// For expensive statuses that someone watches: makes the next one in the background,
-    /// at most once per heartbeat and leaving the merging at most a quarter of a core.
+    /// Makes the next status in the background when one is due: for a run with no merge yet,
+    /// and after that whenever something changed, every heartbeat while merging is cheap or
+    /// someone watches, every `UNWATCHED_REFRESH` while it is expensive and nobody does, and
+    /// never more often than leaves the merging a quarter of a core. So even the first look
+    /// at a large fleet is answered at once, from a merge at most that old.
     fn refresh_status(self: &Arc<Self>) {
-        let due = lock(&self.last_status).as_ref().is_some_and(|l| {
-            l.took >= EXPENSIVE_STATUS
-                && l.asked.elapsed() < WATCHED
-                && l.made.elapsed() + Duration::from_millis(100)
-                    >= self.settings.heartbeat.max(4 * l.took)
-        });
+        let (run_id, version) = {
+            let sh = self.lock();
+            (sh.core.run().map(|r| r.id.clone()), sh.core.version())
+        };
+        let Some(run_id) = run_id else {
+            return;
+        };
+        let due = match lock(&self.last_status).as_ref() {
+            Some(l) if l.status.status.run_id == run_id => {
+                let every = if l.took < EXPENSIVE_STATUS || l.asked.elapsed() < WATCHED {
+                    self.settings.heartbeat
+                } else {
+                    UNWATCHED_REFRESH
+                };
+                l.version != version
+                    && l.made.elapsed() + Duration::from_millis(100) >= every.max(4 * l.took)
+            }
+            _ => true,
+        };
         if !due
             || self
                 .refreshing
@@ -242,9 +264,10 @@ impl Coordinator {
     async fn status_async(
         self: &Arc<Self>,
         agent_histograms: bool,
+        fresh: bool,
     ) -> Result<pb::RunStatus, Status> {
         let c = self.clone();
-        tokio::task::spawn_blocking(move || c.status(agent_histograms))
+        tokio::task::spawn_blocking(move || c.status(agent_histograms, fresh))
             .await
             .map_err(|e| Status::internal(format!("the status could not be made: {e}")))
     }
@@ -252,7 +275,7 @@ impl Coordinator {
     /// Prometheus text for `--metrics-listen`.
     pub fn prometheus(&self) -> String {
         let connected = self.lock().outbox.len();
-        vtox::prometheus::coordinator(&self.status(false), connected)
+        vtox::prometheus::coordinator(&self.status(false, false), connected)
     }
 
     /// The reconcile loop: each agent gets its desired assignment now when something changed,
@@ -315,7 +338,7 @@ impl Coordinator {
                 let msg = pb::CoordinatorMessage {
                     msg: Some(coordinator_message::Msg::Assignment(assignment)),
                 };
-                match tx.try_send(Ok(msg)) {
+                match tx.try_send(Box::new(msg)) {
                     Ok(()) => {}
                     // A full queue means the agent is slow; the next tick tries again.
                     Err(mpsc::error::TrySendError::Full(_)) => {}
@@ -351,7 +374,7 @@ async fn write_loop(dir: PathBuf, mut rx: watch::Receiver<Option<Arc<StateToWrit
             continue;
         };
         let d = dir.clone();
-        match tokio::task::spawn_blocking(move || write_atomically(&d, &state.encode())).await {
+        match tokio::task::spawn_blocking(move || write_atomically(&d, &state)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 tracing::error!("cannot write the state to {}: {e}", dir.display());
@@ -364,11 +387,11 @@ async fn write_loop(dir: PathBuf, mut rx: watch::Receiver<Option<Arc<StateToWrit
     }
 }
 
-fn write_atomically(dir: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
+fn write_atomically(dir: &Path, state: &StateToWrite) -> std::io::Result<()> {
     let tmp = dir.join(format!("{STATE_FILE}.tmp"));
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(bytes)?;
+    let mut f = std::io::BufWriter::with_capacity(64 << 10, std::fs::File::create(&tmp)?);
+    state.write_to(&mut f)?;
+    let f = f.into_inner().map_err(|e| e.into_error())?;
     f.sync_all()?;
     std::fs::rename(&tmp, dir.join(STATE_FILE))?;
     if let Ok(d) = std::fs::File::open(dir) {
@@ -500,7 +523,9 @@ impl pb::agent_service_server::AgentService for AgentApi {
             let c = close_session(&mut coord.lock(), &name, session_id);
             coord.apply(c);
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(
+            ReceiverStream::new(rx).map(|m: Box<pb::CoordinatorMessage>| Ok(*m)),
+        )))
     }
 }
 
@@ -546,8 +571,10 @@ impl pb::control_service_server::ControlService for ControlApi {
         &self,
         req: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::RunStatus>, Status> {
-        let histograms = req.into_inner().agent_histograms;
-        Ok(Response::new(self.0.status_async(histograms).await?))
+        let req = req.into_inner();
+        Ok(Response::new(
+            self.0.status_async(req.agent_histograms, req.fresh).await?,
+        ))
     }
 
     type WatchStream = OutStream<pb::RunStatus>;
@@ -563,7 +590,7 @@ impl pb::control_service_server::ControlService for ControlApi {
             let mut tick = tokio::time::interval(every);
             loop {
                 tick.tick().await;
-                let status = coord.status_async(false).await;
+                let status = coord.status_async(false, false).await;
                 if tx.send(status).await.is_err() {
                     break;
                 }

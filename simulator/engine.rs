@@ -17,7 +17,9 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::watch;
 use vtox::delivery::{backoff, Delivery, Modem, Pending, Settled};
 use vtox::fleet::model_of;
-use vtox::ingest::{iso_utc, simulator_path, unix_secs, vehicle_path, BodyTemplate, MessageFields};
+use vtox::ingest::{
+    simulator_path, unix_secs, vehicle_path, BodyTemplate, IsoStamp, MessageFields,
+};
 use vtox::metrics::{Failures, Latency, SimReport};
 use vtox::schedule::TimerWheel;
 use vtox::telemetry::{Sample, VehicleModel};
@@ -264,11 +266,14 @@ struct Maker {
     batch_span_ns: i64,
     samples: Vec<Sample>,
     body_cap: usize,
+    sent_at: IsoStamp,
+    made_at: IsoStamp,
 }
 
 impl Maker {
     /// The request for message `seq` of vehicle `idx`, made at its scheduled time `due_ns`
-    /// with winding temperature `temp_c`; `made_at` is None when it goes out as it is made.
+    /// with winding temperature `temp_c`; `waited` when it did not go out as it was made (its
+    /// `timestamp` is then when it was made, not when it was sent).
     fn request(
         &mut self,
         v: &Vehicle,
@@ -276,7 +281,7 @@ impl Maker {
         seq: u64,
         due_ns: i64,
         temp_c: f64,
-        made_at: Option<&str>,
+        waited: bool,
     ) -> (Vec<u8>, usize, usize, u64) {
         let t_rel_ns = due_ns - self.batch_span_ns;
         let t_rel = t_rel_ns as f64 / 1e9;
@@ -290,13 +295,20 @@ impl Maker {
             self.points,
             &mut self.samples,
         );
-        let sent_at = iso_utc(SystemTime::now());
+        let sent_at = self.sent_at.at(SystemTime::now());
+        let made_at = if waited {
+            let made = (self.clock.start_unix + due_ns as f64 / 1e9).max(0.0);
+            self.made_at
+                .at(SystemTime::UNIX_EPOCH + Duration::from_secs_f64(made))
+        } else {
+            sent_at
+        };
         let fields = MessageFields {
             seq,
             fault_type: truth.kind.as_str(),
             fault_severity: truth.severity,
-            sent_at: &sent_at,
-            made_at: made_at.unwrap_or(&sent_at),
+            sent_at,
+            made_at,
             sampling_rate: self.cfg.args.sampling_rate,
         };
         let token = self.tokens.as_ref().map(|t| t.token(idx as usize));
@@ -358,7 +370,7 @@ impl Engine {
             .model
             .advance((due_ns - self.maker.batch_span_ns) as f64 / 1e9);
         let (bytes, start, body_len, auth_gen) =
-            self.maker.request(v, idx, seq, due_ns, temp_c, None);
+            self.maker.request(v, idx, seq, due_ns, temp_c, false);
         let job = Job {
             bytes,
             start,
@@ -482,23 +494,10 @@ impl Engine {
             c.tally(tally::TALLY_RESENT, 1);
         }
         let due_ns = self.due_ns(idx, p.seq);
-        let made_at = waited.then(|| {
-            iso_utc(
-                SystemTime::UNIX_EPOCH
-                    + Duration::from_secs_f64(
-                        (self.maker.clock.start_unix + due_ns as f64 / 1e9).max(0.0),
-                    ),
-            )
-        });
         let v = &self.vehicles[idx as usize];
-        let (bytes, start, body_len, auth_gen) = self.maker.request(
-            v,
-            idx,
-            p.seq,
-            due_ns,
-            f64::from(p.temp_c),
-            made_at.as_deref(),
-        );
+        let (bytes, start, body_len, auth_gen) =
+            self.maker
+                .request(v, idx, p.seq, due_ns, f64::from(p.temp_c), waited);
         let job = Job {
             bytes,
             start,
@@ -723,6 +722,8 @@ pub async fn run(mut cfg: Config, mut stop: watch::Receiver<bool>) -> Result<()>
             batch_span_ns: ((points - 1) as f64 / fs * 1e9) as i64,
             samples: Vec::with_capacity(points),
             body_cap: 1024,
+            sent_at: IsoStamp::default(),
+            made_at: IsoStamp::default(),
         },
         fwd: Forwarding::default(),
     };

@@ -14,7 +14,7 @@ use crate::engine::Counters;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -50,6 +50,9 @@ struct Shared {
     timeout: Duration,
     counters: Arc<Counters>,
     idle: Mutex<Vec<usize>>,
+    /// How many lanes `idle` holds, readable without its lock: the scheduler asks whether
+    /// there is room several times per message.
+    idle_count: AtomicUsize,
     late_window: Duration,
     /// A kept-alive connection idle this long is closed rather than reused: a server closes
     /// idle connections on its own clock (uvicorn after 5 s), and one closing just as a request
@@ -103,6 +106,7 @@ impl Lanes {
             timeout: cfg.timeout,
             counters,
             idle: Mutex::new(Vec::new()),
+            idle_count: AtomicUsize::new(0),
             late_window: cfg.late_window,
             idle_limit: cfg.idle_limit,
             tls: cfg.tls,
@@ -119,19 +123,24 @@ impl Lanes {
     }
 
     fn pop_idle(&self) -> Option<usize> {
-        match self.shared.idle.lock() {
+        if self.shared.idle_count.load(Relaxed) == 0 {
+            return None;
+        }
+        let lane = match self.shared.idle.lock() {
             Ok(mut g) => g.pop(),
             Err(poisoned) => poisoned.into_inner().pop(),
+        };
+        if lane.is_some() {
+            self.shared.idle_count.fetch_sub(1, Relaxed);
         }
+        lane
     }
 
-    /// Whether a job could be dispatched now (checked before a message is built).
+    /// Whether a job could be dispatched now (checked before a message is built). Lanes only
+    /// become idle behind the scheduler's back, never busy, so a yes stays true until the
+    /// scheduler itself dispatches.
     pub fn has_room(&self) -> bool {
-        self.senders.len() < self.max
-            || match self.shared.idle.lock() {
-                Ok(g) => !g.is_empty(),
-                Err(poisoned) => !poisoned.into_inner().is_empty(),
-            }
+        self.senders.len() < self.max || self.shared.idle_count.load(Relaxed) > 0
     }
 
     /// Hands the job to a lane; gives it back when every lane is busy and no more may open.
@@ -402,6 +411,7 @@ async fn run_lane(id: usize, mut rx: mpsc::Receiver<Job>, shared: Arc<Shared>) {
             Ok(mut g) => g.push(id),
             Err(poisoned) => poisoned.into_inner().push(id),
         }
+        shared.idle_count.fetch_add(1, Relaxed);
         // After the lane is idle again, so that the modem told finds room for its next one.
         if let Some(done) = &shared.done {
             let _ = done.send(Done {

@@ -135,8 +135,20 @@ impl Modem {
             }
             dropped += 1;
         }
+        if self.queue.len() == self.queue.capacity() {
+            // Doubling, but never past the buffer's own size: a full buffer of 600 holds 601
+            // slots (with the one in flight), not the 1,024 that doubling would reach.
+            let want = (self.queue.capacity() * 2).max(4).min(cap.max(1) + 1);
+            self.queue
+                .reserve_exact(want.saturating_sub(self.queue.len()).max(1));
+        }
         self.queue.push_back(p);
         dropped
+    }
+
+    /// Slots the buffer holds now (for memory accounting).
+    pub fn capacity(&self) -> usize {
+        self.queue.capacity()
     }
 
     /// The message to send now, if there is one and the modem may send: none in flight, not
@@ -300,6 +312,35 @@ mod tests {
         })
         .collect();
         assert_eq!(left, [2, 3, 4], "1 was the oldest waiting");
+    }
+
+    #[test]
+    fn a_buffer_of_one_keeps_the_newest() {
+        let mut m = Modem::default();
+        for seq in 0..5 {
+            m.produce(msg(seq), 1);
+        }
+        assert_eq!(m.waiting(), 1);
+        assert_eq!(m.take(0).map(|p| p.seq), Some(4));
+        assert_eq!(
+            m.produce(msg(5), 1),
+            0,
+            "one waits beside the one in flight"
+        );
+        assert_eq!(m.produce(msg(6), 1), 1);
+    }
+
+    #[test]
+    fn a_buffer_grows_as_needed_and_never_past_its_size() {
+        let mut m = Modem::default();
+        m.produce(msg(0), 600);
+        assert!(m.capacity() < 16, "{}", m.capacity());
+        m.take(0);
+        for seq in 1..2000 {
+            m.produce(msg(seq), 600);
+        }
+        assert_eq!(m.waiting(), 600);
+        assert!(m.capacity() <= 608, "{}", m.capacity());
     }
 
     #[test]

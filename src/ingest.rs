@@ -326,6 +326,46 @@ pub fn iso_utc(t: SystemTime) -> String {
     humantime::format_rfc3339_micros(t).to_string()
 }
 
+/// `iso_utc` for a sender that stamps every message: the date and time to the second are
+/// formatted once a second and the microseconds appended, into a buffer that is reused.
+#[derive(Debug, Default)]
+pub struct IsoStamp {
+    second: Option<u64>,
+    /// `2026-11-28T09:00:00.` for `second`.
+    prefix: String,
+    text: String,
+}
+
+impl IsoStamp {
+    /// `t` as `iso_utc` writes it.
+    pub fn at(&mut self, t: SystemTime) -> &str {
+        let d = t.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
+        let second = d.as_secs();
+        if self.second != Some(second) {
+            let whole = UNIX_EPOCH + Duration::from_secs(second);
+            let text = humantime::format_rfc3339_seconds(whole).to_string();
+            self.prefix.clear();
+            self.prefix.push_str(text.trim_end_matches('Z'));
+            self.prefix.push('.');
+            self.second = Some(second);
+        }
+        self.text.clear();
+        self.text.push_str(&self.prefix);
+        let micros = d.subsec_micros();
+        let mut digits = [b'0'; 6];
+        let mut v = micros;
+        for slot in digits.iter_mut().rev() {
+            *slot = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+        // ASCII digits are valid UTF-8.
+        self.text
+            .push_str(std::str::from_utf8(&digits).unwrap_or("000000"));
+        self.text.push('Z');
+        &self.text
+    }
+}
+
 /// The same instant without the zone suffix, as Python's `datetime.isoformat()` prints a naive
 /// UTC time.
 pub fn iso_naive(t: SystemTime) -> String {
@@ -517,6 +557,21 @@ mod tests {
     fn timestamps() {
         let t = UNIX_EPOCH + Duration::from_micros(1_764_320_000_123_456);
         assert_eq!(iso_utc(t), "2025-11-28T08:53:20.123456Z");
+        // The fast stamp writes exactly the same, across seconds and back.
+        let mut stamp = IsoStamp::default();
+        for us in [
+            0u64,
+            1,
+            999_999,
+            1_000_000,
+            59_999_999,
+            86_400_000_123,
+            3,
+            1_764_320_000_000_001,
+        ] {
+            let t = UNIX_EPOCH + Duration::from_micros(us);
+            assert_eq!(stamp.at(t), iso_utc(t), "{us}");
+        }
         assert_eq!(iso_naive(t), "2025-11-28T08:53:20.123456");
         assert_eq!(unix_secs(t), 1_764_320_000.123_456);
     }

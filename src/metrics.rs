@@ -200,62 +200,8 @@ impl Buckets {
 
     /// Decodes V2 or V2 + deflate bytes (empty bytes: an empty histogram).
     pub fn from_bytes(bytes: &[u8]) -> Result<Buckets, MetricsError> {
-        if bytes.is_empty() {
-            return Ok(Buckets::default());
-        }
-        let cookie = be_u32(bytes, 0)?;
-        if cookie == V2_DEFLATE_COOKIE {
-            return Self::from_v2(&inflate(bytes.get(8..).unwrap_or_default())?);
-        }
-        Self::from_v2(bytes)
-    }
-
-    fn from_v2(b: &[u8]) -> Result<Buckets, MetricsError> {
-        if be_u32(b, 0)? != V2_COOKIE {
-            return Err(MetricsError::Decode("not a V2 histogram".into()));
-        }
-        let len = be_u32(b, 4)? as usize;
-        let offset = be_u32(b, 8)?;
-        let sigfig = be_u32(b, 12)?;
-        let lowest = u64::from(be_u32(b, 16)?) << 32 | u64::from(be_u32(b, 20)?);
-        if offset != 0 || sigfig != u32::from(SIGFIG) || lowest != LOWEST_US {
-            // Another layout: let the library re-home it into ours.
-            let l = Latency::from_bytes(b)?;
-            return Self::from_v2(&l.to_v2());
-        }
-        let payload = b
-            .get(V2_HEADER..V2_HEADER + len)
-            .ok_or_else(|| MetricsError::Decode("histogram is truncated".into()))?;
         let mut counts = Vec::new();
-        let (mut at, mut index) = (0usize, 0u64);
-        while at < payload.len() {
-            let mut v = 0u64;
-            for i in 0..9 {
-                let byte = *payload
-                    .get(at)
-                    .ok_or_else(|| MetricsError::Decode("histogram is truncated".into()))?;
-                at += 1;
-                if i == 8 {
-                    v |= u64::from(byte) << 56;
-                    break;
-                }
-                v |= u64::from(byte & 0x7f) << (7 * i);
-                if byte & 0x80 == 0 {
-                    break;
-                }
-            }
-            let n = ((v >> 1) as i64) ^ -((v & 1) as i64);
-            if n < 0 {
-                index += n.unsigned_abs();
-            } else {
-                if n > 0 {
-                    let i = u32::try_from(index)
-                        .map_err(|_| MetricsError::Decode("histogram is too wide".into()))?;
-                    counts.push((i, n as u64));
-                }
-                index += 1;
-            }
-        }
+        for_each_bucket(bytes, |i, c| counts.push((i, c)))?;
         Ok(Buckets { counts })
     }
 
@@ -332,31 +278,100 @@ impl Buckets {
     }
 }
 
+/// Calls `f(bucket index, count)` for each nonzero bucket of V2 or V2 + deflate `bytes`, in
+/// index order (empty bytes: none).
+fn for_each_bucket(bytes: &[u8], mut f: impl FnMut(u32, u64)) -> Result<(), MetricsError> {
+    if bytes.is_empty() {
+        return Ok(());
+    }
+    if be_u32(bytes, 0)? == V2_DEFLATE_COOKIE {
+        return with_inflated(bytes.get(8..).unwrap_or_default(), |raw| {
+            v2_buckets(raw, &mut f)
+        })?;
+    }
+    v2_buckets(bytes, &mut f)
+}
+
+fn v2_buckets(b: &[u8], f: &mut impl FnMut(u32, u64)) -> Result<(), MetricsError> {
+    if be_u32(b, 0)? != V2_COOKIE {
+        return Err(MetricsError::Decode("not a V2 histogram".into()));
+    }
+    let len = be_u32(b, 4)? as usize;
+    let offset = be_u32(b, 8)?;
+    let sigfig = be_u32(b, 12)?;
+    let lowest = u64::from(be_u32(b, 16)?) << 32 | u64::from(be_u32(b, 20)?);
+    if offset != 0 || sigfig != u32::from(SIGFIG) || lowest != LOWEST_US {
+        // Another layout: let the library re-home it into ours.
+        let l = Latency::from_bytes(b)?;
+        return v2_buckets(&l.to_v2(), f);
+    }
+    let payload = b
+        .get(V2_HEADER..V2_HEADER + len)
+        .ok_or_else(|| MetricsError::Decode("histogram is truncated".into()))?;
+    let (mut at, mut index) = (0usize, 0u64);
+    while at < payload.len() {
+        let mut v = 0u64;
+        for i in 0..9 {
+            let byte = *payload
+                .get(at)
+                .ok_or_else(|| MetricsError::Decode("histogram is truncated".into()))?;
+            at += 1;
+            if i == 8 {
+                v |= u64::from(byte) << 56;
+                break;
+            }
+            v |= u64::from(byte & 0x7f) << (7 * i);
+            if byte & 0x80 == 0 {
+                break;
+            }
+        }
+        let n = ((v >> 1) as i64) ^ -((v & 1) as i64);
+        if n < 0 {
+            index += n.unsigned_abs();
+        } else {
+            if n > 0 {
+                let i = u32::try_from(index)
+                    .map_err(|_| MetricsError::Decode("histogram is too wide".into()))?;
+                f(i, n as u64);
+            }
+            index += 1;
+        }
+    }
+    Ok(())
+}
+
 /// The largest inflated histogram accepted: a V2 encoding of every bucket of `Latency`'s
 /// layout at the widest counts is under 400 KB, so anything larger is not a histogram.
 const MAX_INFLATED: usize = 4 << 20;
 
 thread_local! {
-    /// One zlib decoder per thread, reset for each histogram: making a new one allocates and
-    /// clears tens of KB, which for the few KB of a histogram cost more than the inflating
-    /// (a coordinator inflates tens of thousands of them per second).
-    static INFLATER: std::cell::RefCell<flate2::Decompress> =
-        std::cell::RefCell::new(flate2::Decompress::new(true));
+    /// One zlib decoder and one output buffer per thread, reset for each histogram: making a
+    /// new decoder allocates and clears tens of KB, which for the few KB of a histogram cost
+    /// more than the inflating (a coordinator inflates tens of thousands a second).
+    static INFLATER: std::cell::RefCell<(flate2::Decompress, Vec<u8>)> =
+        std::cell::RefCell::new((flate2::Decompress::new(true), Vec::new()));
 }
 
-fn inflate(input: &[u8]) -> Result<Vec<u8>, MetricsError> {
-    INFLATER.with(|d| {
-        let mut d = d.borrow_mut();
+/// Calls `f` with the inflated `input`.
+fn with_inflated<R>(input: &[u8], f: impl FnOnce(&[u8]) -> R) -> Result<R, MetricsError> {
+    INFLATER.with(|cell| {
+        let mut guard = cell.borrow_mut();
+        let (d, out) = &mut *guard;
         d.reset(true);
-        let mut out = Vec::with_capacity(input.len() * 4 + 64);
+        out.clear();
+        out.reserve(input.len() * 4 + 64);
         loop {
             let (read, wrote) = (d.total_in(), d.total_out());
             let rest = input.get(read as usize..).unwrap_or_default();
             let status = d
-                .decompress_vec(rest, &mut out, flate2::FlushDecompress::Finish)
+                .decompress_vec(rest, out, flate2::FlushDecompress::None)
                 .map_err(|e| MetricsError::Decode(e.to_string()))?;
             if status == flate2::Status::StreamEnd {
-                return Ok(out);
+                let r = f(out);
+                if out.capacity() > MAX_KEPT {
+                    *out = Vec::new();
+                }
+                return Ok(r);
             }
             if out.len() == out.capacity() {
                 if out.len() >= MAX_INFLATED {
@@ -369,6 +384,9 @@ fn inflate(input: &[u8]) -> Result<Vec<u8>, MetricsError> {
         }
     })
 }
+
+/// An inflate buffer grown past this by an unusually wide histogram is not kept.
+const MAX_KEPT: usize = 256 << 10;
 
 /// Half the sub-buckets of `Latency`'s layout (3 significant digits: 2,048 sub-buckets), as
 /// a power of two; the unit magnitude is 0 since the lowest value is 1 µs.
@@ -433,6 +451,39 @@ impl BucketSum {
             let slot = &mut self.dense[i as usize];
             *slot = slot.saturating_add(c);
         }
+    }
+
+    /// Adds a histogram straight from its V2 (or V2 + deflate) bytes, without decoding it
+    /// into buckets first: how a status sums thousands of instances' histograms fleet-wide.
+    pub fn add_bytes(&mut self, bytes: &[u8]) -> Result<(), MetricsError> {
+        let dense = &mut self.dense;
+        for_each_bucket(bytes, |i, c| {
+            let i = i as usize;
+            if dense.len() <= i {
+                dense.resize(i + 1, 0);
+            }
+            dense[i] = dense[i].saturating_add(c);
+        })
+    }
+
+    /// The sum so far, leaving this sum empty (and its memory ready for the next).
+    pub fn take(&mut self) -> Buckets {
+        let mut out = Buckets::default();
+        self.take_into(&mut out);
+        out
+    }
+
+    /// `take` into `out`, reusing its memory: summing one agent after another allocates once.
+    pub fn take_into(&mut self, out: &mut Buckets) {
+        out.counts.clear();
+        out.counts.extend(
+            self.dense
+                .iter_mut()
+                .enumerate()
+                .filter(|(_, c)| **c > 0)
+                .map(|(i, c)| (i as u32, std::mem::take(c))),
+        );
+        self.dense.clear();
     }
 
     pub fn finish(&self) -> Buckets {
@@ -692,6 +743,13 @@ mod tests {
                 merged_pairwise.merge(&b);
             }
             prop_assert_eq!(&merged_pairwise, &sum.finish());
+            // Summing straight from the bytes gives the same, and taking a sum empties it.
+            let mut from_bytes = BucketSum::default();
+            for values in &hists {
+                from_bytes.add_bytes(&latency_of(values).to_bytes()).unwrap();
+            }
+            prop_assert_eq!(&from_bytes.take(), &merged_pairwise);
+            prop_assert!(from_bytes.take().is_empty());
             let merged = Latency::from_bytes(&sum.finish().to_bytes()).unwrap();
             prop_assert_eq!(merged.count(), full.count());
             for q in [0.5, 0.9, 0.99, 0.999, 1.0] {
@@ -742,6 +800,31 @@ mod tests {
         assert_eq!(b.count(), 1);
         assert!(Buckets::from_bytes(&[1, 2, 3]).is_err());
         assert!(Buckets::from_bytes(&l.to_bytes()[..20]).is_err());
+    }
+
+    #[test]
+    fn a_histogram_that_compresses_well_decodes_whole() {
+        // Thousands of buckets with like counts deflate to a few hundred bytes: more than
+        // four times as large once inflated, which must not be read as a broken histogram.
+        let mut l = Latency::new();
+        for t in 0..100u64 {
+            for k in 0..50u64 {
+                l.record_us(800 + (k * 101 + t * 37) % 5000);
+            }
+        }
+        let bytes = l.to_bytes();
+        let b = Buckets::from_bytes(&bytes).unwrap();
+        assert!(
+            bytes.len() * 8 < b.to_bytes().len(),
+            "{} bytes",
+            bytes.len()
+        );
+        assert_eq!(b.count(), 5000);
+        assert_eq!(Latency::from_bytes(&b.to_bytes()).unwrap(), l);
+        let mut sum = BucketSum::default();
+        sum.add_bytes(&bytes).unwrap();
+        sum.add_bytes(&bytes).unwrap();
+        assert_eq!(sum.take().count(), 10_000);
     }
 
     #[test]

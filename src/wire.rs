@@ -6,6 +6,45 @@ pub mod pb {
 }
 
 use crate::metrics::SimReport;
+use std::marker::PhantomData;
+use tonic::codec::{BufferSettings, Codec};
+use tonic_prost::{ProstDecoder, ProstEncoder};
+
+/// Prost's gRPC codec with 1 KiB starting buffers instead of 8 KiB. Each open stream keeps one
+/// to encode and one to decode; a coordinator holds a session with every agent, so for 10,000
+/// agents the default sizes alone are 160 MB, while a heartbeat or an assignment is one or two
+/// KB (the buffers grow for a larger message, a status of thousands of agents, as needed).
+#[derive(Debug, Clone, Copy)]
+pub struct LeanCodec<T, U>(PhantomData<(T, U)>);
+
+impl<T, U> Default for LeanCodec<T, U> {
+    fn default() -> Self {
+        LeanCodec(PhantomData)
+    }
+}
+
+const LEAN_BUFFERS: usize = 1024;
+/// tonic's default: how much an encoder gathers before it yields.
+const YIELD_THRESHOLD: usize = 32 * 1024;
+
+impl<T, U> Codec for LeanCodec<T, U>
+where
+    T: prost::Message + Send + 'static,
+    U: prost::Message + Default + Send + 'static,
+{
+    type Encode = T;
+    type Decode = U;
+    type Encoder = ProstEncoder<T>;
+    type Decoder = ProstDecoder<U>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        ProstEncoder::new(BufferSettings::new(LEAN_BUFFERS, YIELD_THRESHOLD))
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        ProstDecoder::new(BufferSettings::new(LEAN_BUFFERS, YIELD_THRESHOLD))
+    }
+}
 use crate::plan::InstanceRange;
 use base64::Engine as _;
 
