@@ -6,8 +6,9 @@
 //! the planner spreads 1,000,000 vehicles over 1,000 and 10,000 agents.
 //! Run: `cargo build --release --bin vtox-coord && AGENTS=10000 SECONDS=60 cargo bench --bench coord`
 //! (AGENTS, default 1000; SECONDS, default 20; JOIN_RATE, default AGENTS / 10 per second).
-//! The last line sums it up: `agents= instances= coord_cpu_cores= coord_rss_mib=
-//! status_p99_ms= late_leases=`.
+//! Then the coordinator's CPU with none, one and ten dashboard pages following its live view
+//! (DASH_SECONDS each, default 20; 0 skips it). The last line sums it up: `agents= instances=
+//! coord_cpu_cores= coord_rss_mib= status_p99_ms= late_leases=`.
 
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -191,6 +192,31 @@ async fn light_agent(
     }
 }
 
+/// A dashboard page following the live view: `GET /api/events`, read until told to stop;
+/// returns the bytes read.
+fn follow_dashboard(web: &str, stop: &std::sync::atomic::AtomicBool) -> u64 {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(web) else {
+        return 0;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+    let req =
+        format!("GET /api/events HTTP/1.1\r\nHost: {web}\r\nAccept: text/event-stream\r\n\r\n");
+    if s.write_all(req.as_bytes()).is_err() {
+        return 0;
+    }
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => total += n as u64,
+            Err(_) => {}
+        }
+    }
+    total
+}
+
 fn plan_ms(agents: u64) -> f64 {
     let plan_agents: Vec<PlanAgent> = (0..agents)
         .map(|i| PlanAgent {
@@ -233,8 +259,13 @@ fn main() {
         .map(|a| a.port())
         .unwrap_or(50051);
     let addr = format!("127.0.0.1:{port}");
+    let web_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(8089);
+    let web = format!("127.0.0.1:{web_port}");
     let mut coord = Command::new(&coord_bin)
-        .args(["serve", "--listen", &addr])
+        .args(["serve", "--listen", &addr, "--web-listen", &web])
         .args(["--max-join-rate", &join_rate.to_string()])
         .args(["--max-agents", &agents.max(10_000).to_string()])
         .arg("--state-dir")
@@ -383,6 +414,34 @@ fn main() {
             LEASE.as_secs(),
             late_before
         );
+        // What open dashboards cost: the coordinator's CPU over equal windows with none, one
+        // and ten pages following the live view (each a server-sent-event stream read whole).
+        let dash_s = env_num("DASH_SECONDS", 20);
+        if dash_s > 0 {
+            let mut base = None;
+            for pages in [0usize, 1, 10] {
+                let stop_pages = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let readers: Vec<_> = (0..pages)
+                    .map(|_| {
+                        let (web, stop) = (web.clone(), stop_pages.clone());
+                        std::thread::spawn(move || follow_dashboard(&web, &stop))
+                    })
+                    .collect();
+                // Let the pages connect and the frames settle before measuring.
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                let (t, c) = (Instant::now(), cpu_ticks(pid));
+                tokio::time::sleep(Duration::from_secs(dash_s)).await;
+                let cores = (cpu_ticks(pid) - c) as f64 / 100.0 / t.elapsed().as_secs_f64();
+                stop_pages.store(true, Ordering::Relaxed);
+                let bytes: u64 = readers.into_iter().map(|r| r.join().unwrap_or(0)).sum();
+                let extra = base.map_or(String::new(), |b: f64| format!(" ({:+.1} % of a core)", (cores - b) * 100.0));
+                println!(
+                    "dashboards: {pages} open: coordinator {cores:.3} cores{extra}; {:.1} KB/s of frames per page",
+                    bytes as f64 / 1024.0 / (dash_s + 2) as f64 / pages.max(1) as f64
+                );
+                base.get_or_insert(cores);
+            }
+        }
         let _ = stop_tx.send(true);
         for t in tasks {
             t.abort();

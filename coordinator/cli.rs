@@ -45,7 +45,7 @@ pub static SERVER_TLS: std::sync::OnceLock<Option<tonic::transport::ServerTlsCon
 pub static CLIENT_TLS: std::sync::OnceLock<Option<tonic::transport::ClientTlsConfig>> =
     std::sync::OnceLock::new();
 
-fn token() -> Option<&'static str> {
+pub(crate) fn token() -> Option<&'static str> {
     TOKEN.get().and_then(|t| t.as_deref())
 }
 
@@ -99,6 +99,24 @@ pub async fn serve(a: ServeArgs) -> Result<()> {
         .await
         .with_context(|| format!("cannot listen on {addr} for metrics"))?;
     }
+    // Kept for the life of the server: dropping it stops the dashboard.
+    let _web = match a.web_listen {
+        Some(listen) => Some(
+            crate::web::start(
+                coord.clone(),
+                crate::web::WebOptions {
+                    listen,
+                    insecure: a.insecure,
+                    grpc_url: own_url(a.listen),
+                    grpc_tls: SERVER_TLS.get().is_some_and(Option::is_some),
+                    default_target: None,
+                    redis: a.redis.clone(),
+                },
+            )
+            .await?,
+        ),
+        None => None,
+    };
     tracing::info!("coordinator listening on {}", a.listen);
     serve_on(
         listener,
@@ -112,6 +130,20 @@ pub async fn serve(a: ServeArgs) -> Result<()> {
         },
     )
     .await
+}
+
+/// How this coordinator reaches its own gRPC (ramps started from the dashboard): a wildcard
+/// address is reached on loopback.
+fn own_url(listen: std::net::SocketAddr) -> String {
+    let ip = if listen.ip().is_unspecified() {
+        match listen {
+            std::net::SocketAddr::V4(_) => std::net::IpAddr::from([127, 0, 0, 1]),
+            std::net::SocketAddr::V6(_) => std::net::IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
+        }
+    } else {
+        listen.ip()
+    };
+    format!("http://{}", std::net::SocketAddr::new(ip, listen.port()))
 }
 
 /// Serves the coordinator on a bound listener until `shutdown` resolves.

@@ -191,7 +191,7 @@ impl Control {
         }
     }
 
-    #[cfg(test)]
+    /// The epoch the last command was stamped with.
     pub fn epoch(&self) -> u64 {
         self.epoch
     }
@@ -1746,6 +1746,11 @@ mod tests {
             let mut holder: BTreeMap<u32, usize> = BTreeMap::new();
             let mut released: BTreeMap<(usize, u32), Duration> = BTreeMap::new();
             let mut heard: [Duration; 4] = [Duration::ZERO; 4];
+            // Each agent process (a rejoin at epoch 0 is a new one), and per instance the
+            // process that was given it and when that process was last heard: a range is lost
+            // with the process that held it, whatever a new process of the same agent does.
+            let mut process = [0u32; 4];
+            let mut held_by: BTreeMap<u32, (usize, u32, Duration)> = BTreeMap::new();
             // The epoch each agent last applied (and so reports).
             let mut applied = [0u64; 4];
             for op in ops {
@@ -1765,6 +1770,7 @@ mod tests {
                             if c.join(j, now).is_ok() {
                                 sessions[i] = c.open_session(names[i], 0, now).ok().map(|x| x.0);
                                 heard[i] = clock.at;
+                                process[i] += 1;
                             }
                         }
                     }
@@ -1775,7 +1781,17 @@ mod tests {
                     if sessions[i].is_some() && !frozen[i] {
                         let hb = pb::Heartbeat { epoch: applied[i], ..Default::default() };
                         let _ = c.heartbeat(names[i], hb, now);
+                        // An agent silent for longer than its lease has stopped its simulators:
+                        // back, it holds nothing it held before until it is given it again.
+                        let kept = clock.at <= heard[i] + LEASE;
                         heard[i] = clock.at;
+                        for (inst, (agent, p, at)) in held_by.iter_mut() {
+                            // What it was told to let go of, it no longer holds either.
+                            let holds = !released.contains_key(&(i, *inst));
+                            if kept && holds && *agent == i && *p == process[i] {
+                                *at = clock.at;
+                            }
+                        }
                     }
                 }
                 let sends = c.tick(now);
@@ -1788,11 +1804,17 @@ mod tests {
                         if let Some(&old) = holder.get(inst) {
                             if old != i {
                                 let let_go = released.get(&(old, *inst)).is_some_and(|t| *t + HANDOFF <= clock.at);
-                                let lost = heard[old] + LEASE + GRACE < clock.at;
+                                let lost = held_by.get(inst).is_some_and(|(_, _, at)| *at + LEASE + GRACE < clock.at);
                                 prop_assert!(let_go || lost, "instance {} moved from {} to {} too soon", inst, names[old], names[i]);
                             }
                         }
                         holder.insert(*inst, i);
+                        let fresh = held_by.get(inst).is_none_or(|(a, p, at)| {
+                            *a != i || *p != process[i] || clock.at > *at + LEASE
+                        });
+                        if fresh {
+                            held_by.insert(*inst, (i, process[i], heard[i]));
+                        }
                     }
                     // Frozen agents receive nothing: what is queued for them counts once they read it,
                     // and by then it is older than the epoch that lets them resume.

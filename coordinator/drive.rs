@@ -22,9 +22,21 @@ pub const DEFAULT_TARGET: &str = "http://127.0.0.1:8000";
 pub struct DriveArgs {
     #[command(flatten)]
     pub coord: CoordArg,
-    /// Start a coordinator, one agent and (without --target) a vtox-sink on this machine.
+    /// Start a coordinator, one agent and (without --target) a vtox-sink on this machine, and
+    /// a dashboard on a free loopback port (its URL is printed).
     #[arg(long)]
     pub local: bool,
+    /// With --local: where the dashboard listens [default: a free loopback port].
+    #[arg(
+        long,
+        value_name = "ADDR",
+        requires = "local",
+        conflicts_with = "no_web"
+    )]
+    pub web_listen: Option<std::net::SocketAddr>,
+    /// With --local: no dashboard.
+    #[arg(long)]
+    pub no_web: bool,
     /// Base URL of the backend's ingest API [default: http://127.0.0.1:8000, or the local sink].
     #[arg(long)]
     pub target: Option<String>,
@@ -188,7 +200,13 @@ impl DriveArgs {
     /// The coordinator and target to use: a local cluster with `--local`, else the given ones.
     pub async fn endpoints(&self) -> Result<(Option<LocalCluster>, String, String)> {
         if self.local {
-            let c = crate::local::start(self.target.clone()).await?;
+            let web = (!self.no_web).then(|| crate::local::LocalWeb {
+                listen: self
+                    .web_listen
+                    .unwrap_or_else(|| std::net::SocketAddr::from(([127, 0, 0, 1], 0))),
+                redis: self.redis.clone(),
+            });
+            let c = crate::local::start(self.target.clone(), web).await?;
             let (url, target) = (c.coord_url.clone(), c.target.clone());
             return Ok((Some(c), url, target));
         }

@@ -13,6 +13,8 @@ use tokio::sync::oneshot;
 pub struct LocalCluster {
     pub coord_url: String,
     pub target: String,
+    /// The dashboard, unless --no-web.
+    pub web: Option<crate::web::WebServer>,
     children: Vec<(&'static str, Child)>,
     server_stop: Option<oneshot::Sender<()>>,
     server: tokio::task::JoinHandle<Result<()>>,
@@ -42,7 +44,13 @@ async fn wait_listening(addr: &str, deadline: Duration) -> bool {
     false
 }
 
-pub async fn start(target: Option<String>) -> Result<LocalCluster> {
+/// Where a local cluster's dashboard listens (None: no dashboard), and the Redis it watches.
+pub struct LocalWeb {
+    pub listen: std::net::SocketAddr,
+    pub redis: crate::backend::RedisArgs,
+}
+
+pub async fn start(target: Option<String>, web: Option<LocalWeb>) -> Result<LocalCluster> {
     let listener = TcpListener::bind("127.0.0.1:0")
         .await
         .context("cannot listen on loopback")?;
@@ -50,6 +58,7 @@ pub async fn start(target: Option<String>) -> Result<LocalCluster> {
     // `serve`'s own defaults, so that a local run behaves like a served one.
     let serve = crate::ServeArgs::defaults()?;
     let coord = Coordinator::new(serve.settings()).map_err(|e| anyhow::anyhow!(e))?;
+    let coord_for_web = coord.clone();
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let server = tokio::spawn(crate::cli::serve_on(
         listener,
@@ -64,6 +73,7 @@ pub async fn start(target: Option<String>) -> Result<LocalCluster> {
     let mut cluster = LocalCluster {
         coord_url: format!("http://{addr}"),
         target: String::new(),
+        web: None,
         children: Vec::new(),
         server_stop: Some(stop_tx),
         server,
@@ -111,6 +121,26 @@ pub async fn start(target: Option<String>) -> Result<LocalCluster> {
         cluster.coord_url,
         logs.display()
     );
+    if let Some(w) = web {
+        let opts = crate::web::WebOptions {
+            listen: w.listen,
+            insecure: false,
+            grpc_url: cluster.coord_url.clone(),
+            grpc_tls: false,
+            default_target: Some(cluster.target.clone()),
+            redis: w.redis,
+        };
+        match crate::web::start(coord_for_web, opts).await {
+            Ok(server) => {
+                eprintln!("dashboard on http://{}/", server.addr);
+                cluster.web = Some(server);
+            }
+            Err(e) => {
+                cluster.shutdown().await;
+                return Err(e);
+            }
+        }
+    }
     Ok(cluster)
 }
 

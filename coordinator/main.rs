@@ -10,6 +10,7 @@ mod planning;
 mod ramp;
 mod render;
 mod server;
+mod web;
 
 use clap::{Args as ClapArgs, Parser, Subcommand};
 use std::net::SocketAddr;
@@ -106,6 +107,13 @@ pub struct ServeArgs {
     /// How often assignments are resent (renewing leases) and agents report.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     pub heartbeat: Duration,
+    /// Serve the web dashboard at http://ADDR/ (beyond loopback only with a token, or
+    /// --insecure, as for the gRPC listener).
+    #[arg(long, value_name = "ADDR")]
+    pub web_listen: Option<SocketAddr>,
+    /// The backend's Redis, for the dashboard's pipeline panel and score.
+    #[command(flatten)]
+    pub redis: backend::RedisArgs,
 }
 
 #[derive(Debug, Clone, ClapArgs)]

@@ -108,6 +108,51 @@ struct HistoryRow {
     failed: u64,
 }
 
+/// Tells the coordinator how far the ramp got, for its dashboard. Best effort: a coordinator
+/// that cannot take it (an older one) changes nothing about the ramp.
+struct Progress {
+    client: Option<crate::cli::ControlClient>,
+    id: String,
+    interval: f64,
+}
+
+impl Progress {
+    async fn new(url: &str, interval: f64) -> Progress {
+        Progress {
+            client: connect(url).await.ok(),
+            id: format!("ramp-{}", (unix_now() * 1000.0) as u64),
+            interval,
+        }
+    }
+
+    async fn send(&mut self, mut req: pb::RampProgressRequest, steps: &[Step]) {
+        let Some(client) = &mut self.client else {
+            return;
+        };
+        req.ramp_id = self.id.clone();
+        req.steps_json =
+            Value::Array(steps.iter().map(|s| s.json(self.interval)).collect()).to_string();
+        if let Err(e) = client.ramp_progress(req).await {
+            tracing::debug!(
+                "the coordinator did not take the ramp's progress: {}",
+                e.message()
+            );
+            if e.code() == tonic::Code::Unimplemented {
+                self.client = None;
+            }
+        }
+    }
+
+    async fn step(&mut self, steps: &[Step], current: Value) {
+        let req = pb::RampProgressRequest {
+            state: "running".into(),
+            current_json: current.to_string(),
+            ..Default::default()
+        };
+        self.send(req, steps).await;
+    }
+}
+
 /// One step's measurements over its window.
 struct Step {
     vehicles: u64,
@@ -248,15 +293,50 @@ pub async fn ramp(a: RampArgs) -> Result<ExitCode> {
     let sampler = redis.clone().map(|r| Sampler::start(r, keep));
     let (cluster, url, target) = a.drive.endpoints().await?;
     let mut history = Vec::new();
-    let result = run_steps(&a, &url, &target, sampler.as_ref(), &mut history).await;
+    let mut progress = Progress::new(&url, a.drive.load.interval.as_secs_f64()).await;
+    let result = run_steps(
+        &a,
+        &url,
+        &target,
+        sampler.as_ref(),
+        &mut history,
+        &mut progress,
+    )
+    .await;
+    let outcome = finish(&a, result, redis, score_from, &history, &mut progress).await;
     if let Some(c) = cluster {
         c.shutdown().await;
     }
-    let (steps, interrupted) = result?;
+    outcome
+}
+
+/// Writes the report of the steps measured and tells the coordinator how the ramp ended.
+async fn finish(
+    a: &RampArgs,
+    result: Result<(Vec<Step>, bool)>,
+    mut redis: Option<BackendRedis>,
+    score_from: Option<u64>,
+    history: &[HistoryRow],
+    progress: &mut Progress,
+) -> Result<ExitCode> {
+    let failed = |e: &anyhow::Error| pb::RampProgressRequest {
+        state: "failed".into(),
+        error: format!("{e:#}"),
+        ..Default::default()
+    };
+    let (steps, interrupted) = match result {
+        Ok(r) => r,
+        Err(e) => {
+            progress.send(failed(&e), &[]).await;
+            return Err(e);
+        }
+    };
     if steps.is_empty() {
-        bail!("interrupted before the first step was measured");
+        let e = anyhow!("interrupted before the first step was measured");
+        progress.send(failed(&e), &[]).await;
+        return Err(e);
     }
-    let mut report = report(&a, &steps);
+    let mut report = report(a, &steps);
     if let Some(r) = &mut redis {
         match r.score(score_from).await {
             Ok(card) => {
@@ -266,18 +346,30 @@ pub async fn ramp(a: RampArgs) -> Result<ExitCode> {
             Err(e) => eprintln!("warning: cannot score the diagnoses: {e:#}"),
         }
     }
-    let text = serde_json::to_string_pretty(&report)?;
-    std::fs::write(&a.out, text + "\n")
-        .with_context(|| format!("cannot write {}", a.out.display()))?;
+    let text = serde_json::to_string_pretty(&report)? + "\n";
+    let page = html(a, &steps, &report);
+    let rows = csv(history);
+    progress
+        .send(
+            pb::RampProgressRequest {
+                state: if interrupted { "interrupted" } else { "done" }.into(),
+                report_json: text.clone(),
+                report_html: page.clone(),
+                history_csv: rows.clone(),
+                ..Default::default()
+            },
+            &steps,
+        )
+        .await;
+    std::fs::write(&a.out, text).with_context(|| format!("cannot write {}", a.out.display()))?;
     eprintln!("report written to {}", a.out.display());
     if let Some(path) = &a.html {
-        std::fs::write(path, html(&a, &steps, &report))
-            .with_context(|| format!("cannot write {}", path.display()))?;
+        std::fs::write(path, page).with_context(|| format!("cannot write {}", path.display()))?;
         eprintln!("charts written to {}", path.display());
     }
     if let Some(prefix) = &a.csv {
         let path = format!("{prefix}_stats_history.csv");
-        std::fs::write(&path, csv(&history)).with_context(|| format!("cannot write {path}"))?;
+        std::fs::write(&path, rows).with_context(|| format!("cannot write {path}"))?;
         eprintln!("history written to {path}");
     }
     if let Some(recs) = report["system_recommendations"].as_array() {
@@ -303,6 +395,7 @@ async fn run_steps(
     target: &str,
     sampler: Option<&Sampler>,
     history: &mut Vec<HistoryRow>,
+    progress: &mut Progress,
 ) -> Result<(Vec<Step>, bool)> {
     let mut client = connect(url).await?;
     drive::wait_for_agents(&mut client, a.drive.expect_agents, a.drive.wait).await?;
@@ -322,6 +415,13 @@ async fn run_steps(
             a.step_duration,
             a.warmup
         );
+        let total_s = (a.warmup + a.step_duration).as_secs_f64() + 1.0;
+        progress
+            .step(
+                &steps,
+                json!({"vehicles": n, "search": false, "started_unix": unix_now(), "total_s": total_s}),
+            )
+            .await;
         let Some(step) = run_step(&ctx, &mut client, n, false, history, &mut shutdown).await?
         else {
             return Ok((steps, true));
@@ -362,6 +462,14 @@ async fn run_steps(
             search.passing,
             search.failing
         );
+        let total_s = (a.warmup + a.search_duration()).as_secs_f64() + 1.0;
+        progress
+            .step(
+                &steps,
+                json!({"vehicles": n, "search": true, "started_unix": unix_now(), "total_s": total_s,
+                       "passing": search.passing, "failing": search.failing}),
+            )
+            .await;
         let Some(step) = run_step(&ctx, &mut client, n, true, history, &mut shutdown).await? else {
             return Ok((steps, true));
         };

@@ -79,6 +79,23 @@ pub struct Coordinator {
     /// The latest encoded state to write; the writer task takes the newest, skipping any it
     /// had no time for.
     writes: watch::Sender<Option<Arc<StateToWrite>>>,
+    /// The last ramp's progress, as its client reported it (for the dashboard).
+    ramp: Mutex<Option<RampBoard>>,
+}
+
+/// A ramp as its client last reported it.
+#[derive(Debug, Clone, Default)]
+pub struct RampBoard {
+    pub id: String,
+    pub state: String,
+    pub steps: serde_json::Value,
+    pub current: serde_json::Value,
+    pub report_json: String,
+    pub report_html: String,
+    pub history_csv: String,
+    pub error: String,
+    /// When it last reported (Unix seconds).
+    pub updated: f64,
 }
 
 /// The last status made, and what it cost.
@@ -157,6 +174,7 @@ impl Coordinator {
             last_status: Mutex::new(None),
             refreshing: std::sync::atomic::AtomicBool::new(false),
             writes: watch::Sender::new(None),
+            ramp: Mutex::new(None),
         }))
     }
 
@@ -198,6 +216,12 @@ impl Coordinator {
     /// large enough for merging to cost (thousands of agents) is merged in the background,
     /// ahead of whoever watches (`refresh_status`), and a watcher never waits behind it.
     fn status(&self, agent_histograms: bool, fresh: bool) -> pb::RunStatus {
+        self.status_for(agent_histograms, fresh, true)
+    }
+
+    /// `status`, telling whether someone is looking (`watched`): a dashboard with no page open
+    /// keeps its history without making the coordinator merge for it every heartbeat.
+    fn status_for(&self, agent_histograms: bool, fresh: bool, watched: bool) -> pb::RunStatus {
         let (version, head) = {
             let sh = self.lock();
             (sh.core.version(), sh.core.run_head(now()))
@@ -205,7 +229,9 @@ impl Coordinator {
         let cached = {
             let mut last = lock(&self.last_status);
             last.as_mut().and_then(|l| {
-                l.asked = Instant::now();
+                if watched {
+                    l.asked = Instant::now();
+                }
                 let usable = l.version == version || (!fresh && l.took >= EXPENSIVE_STATUS);
                 usable.then(|| l.status.clone())
             })
@@ -270,6 +296,68 @@ impl Coordinator {
         tokio::task::spawn_blocking(move || c.status(agent_histograms, fresh))
             .await
             .map_err(|e| Status::internal(format!("the status could not be made: {e}")))
+    }
+
+    /// Starts a run (the gRPC `Start`, for the dashboard too).
+    pub fn start(&self, req: pb::StartRequest) -> Result<pb::StartReply, String> {
+        let result = self.lock().core.start(req, now());
+        let (reply, c) = result?;
+        self.apply(c);
+        Ok(reply)
+    }
+
+    /// Stops the run; whether one was running.
+    pub fn stop(&self) -> bool {
+        let (was_running, c) = self.lock().core.stop(now());
+        self.apply(c);
+        was_running
+    }
+
+    /// Moves whole instances to agents with room: (instances, vehicles) moved.
+    pub fn rebalance(&self) -> Result<(u32, u64), String> {
+        let result = self.lock().core.rebalance(now());
+        let (moved, c) = result?;
+        self.apply(c);
+        Ok(moved)
+    }
+
+    pub fn list_agents(&self) -> Vec<pb::AgentInfo> {
+        self.lock().core.list_agents(now())
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.lock().core.epoch()
+    }
+
+    /// The status as a watcher gets it (see `status`), off the async threads; `watched`
+    /// when a page is open to see it.
+    pub async fn dashboard_status(self: &Arc<Self>, watched: bool) -> Option<pb::RunStatus> {
+        let c = self.clone();
+        tokio::task::spawn_blocking(move || c.status_for(false, false, watched))
+            .await
+            .ok()
+    }
+
+    /// Records a ramp's progress.
+    pub fn ramp_progress(&self, p: pb::RampProgressRequest) {
+        let parse = |text: &str| serde_json::from_str(text).unwrap_or(serde_json::Value::Null);
+        let board = RampBoard {
+            steps: parse(&p.steps_json),
+            current: parse(&p.current_json),
+            id: p.ramp_id,
+            state: p.state,
+            report_json: p.report_json,
+            report_html: p.report_html,
+            history_csv: p.history_csv,
+            error: p.error,
+            updated: vtox::ingest::unix_secs(SystemTime::now()),
+        };
+        *lock(&self.ramp) = Some(board);
+    }
+
+    /// The last ramp's progress, if a ramp reported any.
+    pub fn ramp(&self) -> Option<RampBoard> {
+        lock(&self.ramp).clone()
     }
 
     /// Prometheus text for `--metrics-listen`.
@@ -552,9 +640,10 @@ impl pb::control_service_server::ControlService for ControlApi {
         &self,
         req: Request<pb::StartRequest>,
     ) -> Result<Response<pb::StartReply>, Status> {
-        let result = self.0.lock().core.start(req.into_inner(), now());
-        let (reply, c) = result.map_err(Status::failed_precondition)?;
-        self.0.apply(c);
+        let reply = self
+            .0
+            .start(req.into_inner())
+            .map_err(Status::failed_precondition)?;
         Ok(Response::new(reply))
     }
 
@@ -562,9 +651,9 @@ impl pb::control_service_server::ControlService for ControlApi {
         &self,
         _req: Request<pb::StopRequest>,
     ) -> Result<Response<pb::StopReply>, Status> {
-        let (was_running, c) = self.0.lock().core.stop(now());
-        self.0.apply(c);
-        Ok(Response::new(pb::StopReply { was_running }))
+        Ok(Response::new(pb::StopReply {
+            was_running: self.0.stop(),
+        }))
     }
 
     async fn status(
@@ -603,9 +692,8 @@ impl pb::control_service_server::ControlService for ControlApi {
         &self,
         _req: Request<pb::RebalanceRequest>,
     ) -> Result<Response<pb::RebalanceReply>, Status> {
-        let result = self.0.lock().core.rebalance(now());
-        let ((moved_instances, moved_vehicles), c) = result.map_err(Status::failed_precondition)?;
-        self.0.apply(c);
+        let (moved_instances, moved_vehicles) =
+            self.0.rebalance().map_err(Status::failed_precondition)?;
         Ok(Response::new(pb::RebalanceReply {
             moved_instances,
             moved_vehicles,
@@ -616,7 +704,16 @@ impl pb::control_service_server::ControlService for ControlApi {
         &self,
         _req: Request<pb::ListAgentsRequest>,
     ) -> Result<Response<pb::ListAgentsReply>, Status> {
-        let agents = self.0.lock().core.list_agents(now());
-        Ok(Response::new(pb::ListAgentsReply { agents }))
+        Ok(Response::new(pb::ListAgentsReply {
+            agents: self.0.list_agents(),
+        }))
+    }
+
+    async fn ramp_progress(
+        &self,
+        req: Request<pb::RampProgressRequest>,
+    ) -> Result<Response<pb::RampProgressReply>, Status> {
+        self.0.ramp_progress(req.into_inner());
+        Ok(Response::new(pb::RampProgressReply {}))
     }
 }

@@ -9,6 +9,7 @@ pub mod auth;
 pub mod backlog;
 pub mod capacity;
 pub mod charts;
+pub mod dashboard;
 pub mod delivery;
 pub mod dropouts;
 pub mod duration;

@@ -205,6 +205,21 @@ impl Buckets {
         Ok(Buckets { counts })
     }
 
+    /// `self` minus `earlier`, bucket-wise (a window between two cumulative histograms);
+    /// buckets that would go below zero are left out.
+    pub fn since(&self, earlier: &Buckets) -> Buckets {
+        let mut old = earlier.counts.iter().peekable();
+        let mut counts = Vec::new();
+        for &(i, c) in &self.counts {
+            while old.next_if(|(j, _)| *j < i).is_some() {}
+            let before = old.next_if(|(j, _)| *j == i).map_or(0, |(_, c)| *c);
+            if c > before {
+                counts.push((i, c - before));
+            }
+        }
+        Buckets { counts }
+    }
+
     /// Adds `other` bucket-wise.
     pub fn merge(&mut self, other: &Buckets) {
         if other.counts.is_empty() {
@@ -743,6 +758,16 @@ mod tests {
                 merged_pairwise.merge(&b);
             }
             prop_assert_eq!(&merged_pairwise, &sum.finish());
+            // And taking the first histogram back out leaves the rest.
+            if let Some(first) = hists.first() {
+                let mut rest = Latency::new();
+                for values in &hists[1..] {
+                    rest.merge(&latency_of(values)).unwrap();
+                }
+                let first = Buckets::from_bytes(&latency_of(first).to_bytes()).unwrap();
+                let rest = Buckets::from_bytes(&rest.to_bytes()).unwrap();
+                prop_assert_eq!(merged_pairwise.since(&first), rest);
+            }
             // Summing straight from the bytes gives the same, and taking a sum empties it.
             let mut from_bytes = BucketSum::default();
             for values in &hists {

@@ -2,6 +2,8 @@
 //! killed when the test ends (even on panic), and waiting on conditions with deadlines.
 #![allow(dead_code)]
 
+pub mod browser;
+
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
