@@ -114,14 +114,21 @@ struct Progress {
     client: Option<crate::cli::ControlClient>,
     id: String,
     interval: f64,
+    /// The SLOs the steps are judged by, so that the dashboard draws them as the report does.
+    slo: Value,
 }
 
 impl Progress {
-    async fn new(url: &str, interval: f64) -> Progress {
+    async fn new(url: &str, a: &RampArgs) -> Progress {
         Progress {
             client: connect(url).await.ok(),
             id: format!("ramp-{}", (unix_now() * 1000.0) as u64),
-            interval,
+            interval: a.drive.load.interval.as_secs_f64(),
+            slo: json!({
+                "p95_ms": a.max_p95.as_secs_f64() * 1e3,
+                "delay_p95_ms": a.max_delay_p95.map(|d| d.as_secs_f64() * 1e3),
+                "min_success": a.drive.min_success,
+            }),
         }
     }
 
@@ -132,6 +139,9 @@ impl Progress {
         req.ramp_id = self.id.clone();
         req.steps_json =
             Value::Array(steps.iter().map(|s| s.json(self.interval)).collect()).to_string();
+        let mut current: Value = serde_json::from_str(&req.current_json).unwrap_or(json!({}));
+        current["slo"] = self.slo.clone();
+        req.current_json = current.to_string();
         if let Err(e) = client.ramp_progress(req).await {
             tracing::debug!(
                 "the coordinator did not take the ramp's progress: {}",
@@ -293,7 +303,7 @@ pub async fn ramp(a: RampArgs) -> Result<ExitCode> {
     let sampler = redis.clone().map(|r| Sampler::start(r, keep));
     let (cluster, url, target) = a.drive.endpoints().await?;
     let mut history = Vec::new();
-    let mut progress = Progress::new(&url, a.drive.load.interval.as_secs_f64()).await;
+    let mut progress = Progress::new(&url, &a).await;
     let result = run_steps(
         &a,
         &url,

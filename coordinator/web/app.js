@@ -133,9 +133,26 @@ function initCharts() {
     { label: 'expected', stroke: '#9aa4b5', dash: [6, 4], points: { show: true } },
     { label: 'accepted', stroke: '#2a6fdb', points: { show: true, size: 7 } },
   ], { time: false });
+  const pts = { show: true, size: 7 };
   state.rampCharts.latency = makeChart('chart-ramp-latency', [
-    { label: 'p95', stroke: '#2a6fdb', points: { show: true, size: 7 } },
-    { label: 'delay p95', stroke: '#e08a00', points: { show: true, size: 7 } },
+    { label: 'p50', stroke: '#7fb0ff', points: pts },
+    { label: 'p95', stroke: '#2a6fdb', points: pts },
+    { label: 'p99', stroke: '#123d87', points: pts },
+    { label: 'p95 SLO', stroke: '#c62828', dash: [4, 4] },
+  ], { time: false, digits: 1 });
+  state.rampCharts.delay = makeChart('chart-ramp-delay', [
+    { label: 'delay p50', stroke: '#f0b860', points: pts },
+    { label: 'delay p95', stroke: '#e08a00', points: pts },
+    { label: 'delay p99', stroke: '#b26a00', points: pts },
+    { label: 'delay p95 SLO', stroke: '#c62828', dash: [4, 4] },
+  ], { time: false, digits: 1 });
+  state.rampCharts.success = makeChart('chart-ramp-success', [
+    { label: 'success %', stroke: '#2e7d32', points: pts },
+    { label: 'success SLO', stroke: '#c62828', dash: [4, 4] },
+  ], { time: false, digits: 2 });
+  state.rampCharts.diagnosis = makeChart('chart-ramp-diagnosis', [
+    { label: 'ingested', stroke: '#2a6fdb', points: pts },
+    { label: 'processed by the slowest live group', stroke: '#6a1b9a', points: pts },
   ], { time: false, digits: 1 });
   window.addEventListener('resize', resizeCharts);
 }
@@ -145,7 +162,10 @@ function resizeCharts() {
     const el = document.getElementById(`chart-${id}`);
     if (el && el.clientWidth) u.setSize({ width: chartWidth(el), height: 200 });
   }
-  const ids = { rate: 'chart-ramp-rate', latency: 'chart-ramp-latency' };
+  const ids = {
+    rate: 'chart-ramp-rate', latency: 'chart-ramp-latency', delay: 'chart-ramp-delay',
+    success: 'chart-ramp-success', diagnosis: 'chart-ramp-diagnosis',
+  };
   for (const [id, u] of Object.entries(state.rampCharts)) {
     const el = document.getElementById(ids[id]);
     if (el && el.clientWidth) u.setSize({ width: chartWidth(el), height: 200 });
@@ -303,7 +323,7 @@ function renderRamp(r) {
   const steps = Array.isArray(r.steps) ? r.steps : [];
   text($('#ramp-state'), `${r.id}: ${r.state}${r.error ? ' — ' + r.error : ''}`);
   const c = r.current;
-  if (c && r.state === 'running' && c.vehicles) {
+  if (c && r.state === 'running' && c.vehicles !== undefined) {
     const left = Math.max(0, c.total_s - (Date.now() / 1000 - c.started_unix));
     const search = c.search ? ` (searching for the knee between ${num(c.passing)} passing and ${num(c.failing)} failing)` : '';
     text($('#ramp-current'), `Now: ${num(c.vehicles)} vehicles${search}, about ${duration(left)} left in this step.`);
@@ -318,9 +338,19 @@ function renderRamp(r) {
     + `<td>${s.latency_ms ? ms(s.latency_ms.p95) : '–'}</td><td>${s.delay_ms ? ms(s.delay_ms.p95) : '–'}</td>`
     + `<td>${s.verdict}</td><td>${escapeHtml((s.failed_as || []).join(', '))}</td><td>${escapeHtml(s.limiting_side || '')}</td></tr>`).join('');
   const x = rows.map((s) => s.vehicles);
+  const slo = (c && c.slo) || {};
+  const flat = (v) => rows.map(() => (v === undefined ? null : v));
+  const q = (f, k) => rows.map((s) => (s[f] ? s[f][k] : null));
   state.rampCharts.rate.setData([x, rows.map((s) => s.expected_msgs_per_s), rows.map((s) => s.accepted_msgs_per_s)]);
-  state.rampCharts.latency.setData([x, rows.map((s) => (s.latency_ms ? s.latency_ms.p95 : null)),
-    rows.map((s) => (s.delay_ms ? s.delay_ms.p95 : null))]);
+  state.rampCharts.latency.setData([x, q('latency_ms', 'p50'), q('latency_ms', 'p95'), q('latency_ms', 'p99'), flat(slo.p95_ms)]);
+  state.rampCharts.delay.setData([x, q('delay_ms', 'p50'), q('delay_ms', 'p95'), q('delay_ms', 'p99'), flat(slo.delay_p95_ms)]);
+  state.rampCharts.success.setData([x, rows.map((s) => s.success_percent), flat(slo.min_success)]);
+  const piped = rows.some((s) => s.backend_pipeline);
+  $('#chart-ramp-diagnosis').hidden = !piped;
+  if (piped) {
+    state.rampCharts.diagnosis.setData([x, rows.map((s) => (s.backend_pipeline ? s.backend_pipeline.ingest_msgs_per_s : null)),
+      rows.map((s) => (s.backend_pipeline ? s.backend_pipeline.slowest_msgs_per_s : null))]);
+  }
 }
 
 // ---------------------------------------------------------------- frames
