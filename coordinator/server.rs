@@ -216,12 +216,6 @@ impl Coordinator {
     /// large enough for merging to cost (thousands of agents) is merged in the background,
     /// ahead of whoever watches (`refresh_status`), and a watcher never waits behind it.
     fn status(&self, agent_histograms: bool, fresh: bool) -> pb::RunStatus {
-        self.status_for(agent_histograms, fresh, true)
-    }
-
-    /// `status`, telling whether someone is looking (`watched`): a dashboard with no page open
-    /// keeps its history without making the coordinator merge for it every heartbeat.
-    fn status_for(&self, agent_histograms: bool, fresh: bool, watched: bool) -> pb::RunStatus {
         let (version, head) = {
             let sh = self.lock();
             (sh.core.version(), sh.core.run_head(now()))
@@ -229,9 +223,7 @@ impl Coordinator {
         let cached = {
             let mut last = lock(&self.last_status);
             last.as_mut().and_then(|l| {
-                if watched {
-                    l.asked = Instant::now();
-                }
+                l.asked = Instant::now();
                 let usable = l.version == version || (!fresh && l.took >= EXPENSIVE_STATUS);
                 usable.then(|| l.status.clone())
             })
@@ -329,13 +321,35 @@ impl Coordinator {
         self.lock().core.epoch()
     }
 
-    /// The status as a watcher gets it (see `status`), off the async threads; `watched`
-    /// when a page is open to see it.
-    pub async fn dashboard_status(self: &Arc<Self>, watched: bool) -> Option<pb::RunStatus> {
+    /// The status for the dashboard, off the async threads: from the last merge if it is of
+    /// this run and at most `max_age` old, else merged now. It does not count as someone
+    /// watching: the dashboard paces its own merges (`web::produce`).
+    pub async fn dashboard_status(self: &Arc<Self>, max_age: Duration) -> pb::RunStatus {
         let c = self.clone();
-        tokio::task::spawn_blocking(move || c.status_for(false, false, watched))
+        tokio::task::spawn_blocking(move || c.status_within(max_age))
             .await
-            .ok()
+            .unwrap_or_default()
+    }
+
+    fn status_within(&self, max_age: Duration) -> pb::RunStatus {
+        let (version, head) = {
+            let sh = self.lock();
+            (sh.core.version(), sh.core.run_head(now()))
+        };
+        let cached = lock(&self.last_status).as_ref().and_then(|l| {
+            (l.version == version || l.made.elapsed() <= max_age).then(|| l.status.clone())
+        });
+        if let Some(answer) = cached.and_then(|r| r.answer(head, false)) {
+            return answer;
+        }
+        self.make_status().status.clone()
+    }
+
+    /// How long the last merge of the status took (zero before the first).
+    pub fn status_cost(&self) -> Duration {
+        lock(&self.last_status)
+            .as_ref()
+            .map_or(Duration::ZERO, |l| l.took)
     }
 
     /// Records a ramp's progress.
