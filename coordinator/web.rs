@@ -108,7 +108,15 @@ pub async fn start(coord: Arc<Coordinator>, opts: WebOptions) -> Result<WebServe
         );
     }
     opts.redis.check()?;
-    let redis = BackendRedis::connect(&opts.redis).await?;
+    // A Redis that is down now must not keep the coordinator from serving: the dashboard says
+    // so and tries again.
+    let redis = match BackendRedis::connect(&opts.redis).await {
+        Ok(r) => Ok(r),
+        Err(e) => {
+            tracing::warn!("{e:#}; the dashboard's pipeline panel waits for it");
+            Err(format!("{e:#}"))
+        }
+    };
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
         .with_context(|| format!("cannot listen on {} for the dashboard", opts.listen))?;
@@ -807,9 +815,17 @@ fn ramp_view(b: crate::server::RampBoard) -> Value {
     })
 }
 
+/// How often a Redis that could not be reached is tried again.
+const REDIS_RETRY: Duration = Duration::from_secs(10);
+
 /// The producer: a frame a second while a page is open, every `UNWATCHED_FRAME` otherwise.
-async fn produce(web: Arc<Web>, redis: Option<BackendRedis>) {
-    let sampler = redis.clone().map(|r| Sampler::start(r, 120));
+async fn produce(web: Arc<Web>, redis: Result<Option<BackendRedis>, String>) {
+    let (redis, mut redis_down) = match redis {
+        Ok(r) => (r, None),
+        Err(e) => (None, Some(e)),
+    };
+    let mut last_try = Instant::now();
+    let mut sampler = redis.clone().map(|r| Sampler::start(r, 120));
     let mut scorer = redis;
     let mut score: Option<Value> = None;
     let mut score_from: Option<(String, u64)> = None;
@@ -825,6 +841,17 @@ async fn produce(web: Arc<Web>, redis: Option<BackendRedis>) {
             continue;
         }
         last_frame = Some(Instant::now());
+        if redis_down.is_some() && last_try.elapsed() >= REDIS_RETRY {
+            last_try = Instant::now();
+            match BackendRedis::connect(&web.opts.redis).await {
+                Ok(r) => {
+                    sampler = r.clone().map(|r| Sampler::start(r, 120));
+                    scorer = r;
+                    redis_down = None;
+                }
+                Err(e) => redis_down = Some(format!("{e:#}")),
+            }
+        }
         // Merging the status costs about 10 µs per instance histogram, each time anew (every
         // agent's counters move every heartbeat): a page gets a frame a second, but the
         // counters under it are merged at most every 50 merges' time (2 % of a core), between
@@ -865,7 +892,9 @@ async fn produce(web: Arc<Web>, redis: Option<BackendRedis>) {
         let out = FrameOut {
             frame: &frame,
             pipeline,
-            redis_error: sampler.as_ref().and_then(Sampler::error),
+            redis_error: redis_down
+                .clone()
+                .or_else(|| sampler.as_ref().and_then(Sampler::error)),
             score: score.as_ref(),
             ramp: web.coord.ramp().map(ramp_view),
         };
