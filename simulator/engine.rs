@@ -271,10 +271,10 @@ struct Maker {
 }
 
 impl Maker {
-    /// The request for message `seq` of vehicle `idx`, made at its scheduled time `due_ns`
-    /// with winding temperature `temp_c`; `waited` when it did not go out as it was made (its
-    /// `timestamp` is then when it was made, not when it was sent).
-    fn request(
+    /// The job of sending message `seq` of vehicle `idx`, made at its scheduled time `due_ns`
+    /// with winding temperature `temp_c`, and its body's length; `waited` when it did not go
+    /// out as it was made (its `timestamp` is then when it was made, not when it was sent).
+    fn job(
         &mut self,
         v: &Vehicle,
         idx: u32,
@@ -282,7 +282,7 @@ impl Maker {
         due_ns: i64,
         temp_c: f64,
         waited: bool,
-    ) -> (Vec<u8>, usize, usize, u64) {
+    ) -> (Job, usize) {
         let t_rel_ns = due_ns - self.batch_span_ns;
         let t_rel = t_rel_ns as f64 / 1e9;
         let t_abs = self.clock.start_unix + t_rel;
@@ -326,7 +326,16 @@ impl Maker {
             &self.cfg.authority,
             token.as_ref().map(|(_, t)| &**t),
         );
-        (bytes, start, body_len, token.map_or(0, |(g, _)| g))
+        let job = Job {
+            bytes,
+            start,
+            created: Instant::now(),
+            due: self.clock.instant(due_ns),
+            vehicle: idx,
+            waited,
+            auth_gen: token.map_or(0, |(g, _)| g),
+        };
+        (job, body_len)
     }
 }
 
@@ -369,17 +378,7 @@ impl Engine {
         let temp_c = v
             .model
             .advance((due_ns - self.maker.batch_span_ns) as f64 / 1e9);
-        let (bytes, start, body_len, auth_gen) =
-            self.maker.request(v, idx, seq, due_ns, temp_c, false);
-        let job = Job {
-            bytes,
-            start,
-            created: Instant::now(),
-            due: self.maker.clock.instant(due_ns),
-            vehicle: idx,
-            waited: false,
-            auth_gen,
-        };
+        let (job, body_len) = self.maker.job(v, idx, seq, due_ns, temp_c, false);
         match self.lanes.dispatch(job) {
             Ok(()) => self.count_sent(body_len),
             Err(_) => self.drop_busy(),
@@ -495,18 +494,9 @@ impl Engine {
         }
         let due_ns = self.due_ns(idx, p.seq);
         let v = &self.vehicles[idx as usize];
-        let (bytes, start, body_len, auth_gen) =
-            self.maker
-                .request(v, idx, p.seq, due_ns, f64::from(p.temp_c), waited);
-        let job = Job {
-            bytes,
-            start,
-            created: Instant::now(),
-            due: self.maker.clock.instant(due_ns),
-            vehicle: idx,
-            waited,
-            auth_gen,
-        };
+        let (job, body_len) = self
+            .maker
+            .job(v, idx, p.seq, due_ns, f64::from(p.temp_c), waited);
         match self.lanes.dispatch(job) {
             Ok(()) => self.count_sent(body_len),
             // Room was checked just before; should a lane be gone, the message waits for a

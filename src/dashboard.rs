@@ -912,58 +912,30 @@ mod tests {
     fn a_crash_loop_and_a_stall_are_told() {
         let mut b = Board::new();
         let infos = [agent_info("a", true)];
-        b.update(
-            &status(1.0, &[("a", 1, 0, &[running(0, 5), running(1, 5)])], &[]),
-            &infos,
-            1,
-            0.0,
-        );
-        let mut failed = running(1, 5);
-        failed.phase = pb::Phase::Failed;
-        let f = b.update(
-            &status(2.0, &[("a", 1, 0, &[running(0, 5), failed])], &[]),
-            &infos,
-            1,
-            1.0,
-        );
+        // Instance 0 made `made` messages by `elapsed`; instance 1 crash-looped (or not yet).
+        let look = |b: &mut Board, elapsed: f64, made: u64, crashed: bool, now: f64| {
+            let mut one = running(1, 5);
+            if crashed {
+                one.phase = pb::Phase::Failed;
+            }
+            let s = status(elapsed, &[("a", 1, 0, &[running(0, made), one])], &[]);
+            b.update(&s, &infos, 1, now)
+        };
+        look(&mut b, 1.0, 5, false, 0.0);
+        let f = look(&mut b, 2.0, 5, true, 1.0);
         assert_eq!(f.events.len(), 1);
         assert_eq!(f.events[0].kind, "crash_loop");
+        let stalls = |b: &mut Board, elapsed: f64, made: u64, from: u32, to: u32| {
+            (from..to)
+                .map(|s| look(b, elapsed, made, true, f64::from(s)))
+                .map(|f| f.events.iter().filter(|e| e.kind == "stalled").count())
+                .sum::<usize>()
+        };
         // Instance 0 makes nothing for 5 s: told once.
-        let mut told = 0;
-        for s in 2..12 {
-            let mut failed = running(1, 5);
-            failed.phase = pb::Phase::Failed;
-            let f = b.update(
-                &status(2.0, &[("a", 1, 0, &[running(0, 5), failed])], &[]),
-                &infos,
-                1,
-                s as f64,
-            );
-            told += f.events.iter().filter(|e| e.kind == "stalled").count();
-        }
-        assert_eq!(told, 1);
+        assert_eq!(stalls(&mut b, 2.0, 5, 2, 12), 1);
         // Moving again re-arms it.
-        let mut failed = running(1, 5);
-        failed.phase = pb::Phase::Failed;
-        b.update(
-            &status(3.0, &[("a", 1, 0, &[running(0, 9), failed])], &[]),
-            &infos,
-            1,
-            12.0,
-        );
-        let mut told = 0;
-        for s in 13..20 {
-            let mut failed = running(1, 5);
-            failed.phase = pb::Phase::Failed;
-            let f = b.update(
-                &status(3.0, &[("a", 1, 0, &[running(0, 9), failed])], &[]),
-                &infos,
-                1,
-                s as f64,
-            );
-            told += f.events.iter().filter(|e| e.kind == "stalled").count();
-        }
-        assert_eq!(told, 1);
+        look(&mut b, 3.0, 9, true, 12.0);
+        assert_eq!(stalls(&mut b, 3.0, 9, 13, 20), 1);
     }
 
     #[test]

@@ -45,15 +45,6 @@ fn run_sim(args: &[&str]) -> (SimReport, String, String) {
     (last, out, stderr)
 }
 
-fn sink(extra: &[&str]) -> (Proc, String) {
-    let addr = format!("127.0.0.1:{}", free_port());
-    let mut args = vec!["--listen", addr.as_str()];
-    args.extend_from_slice(extra);
-    let p = Proc::spawn("vtox-sink", &args);
-    wait_listening(&addr, Duration::from_secs(10));
-    (p, addr)
-}
-
 const TOKEN: &str = "tok-9f8e7d6c5b4a";
 
 #[test]

@@ -9,16 +9,6 @@ use std::io::{BufRead, BufReader};
 use std::time::Duration;
 use vtox::metrics::{Latency, SimReport};
 
-/// Starts a sink on a free port and waits until it listens.
-fn sink(extra: &[&str]) -> (Proc, String) {
-    let addr = format!("127.0.0.1:{}", free_port());
-    let mut args = vec!["--listen", addr.as_str()];
-    args.extend_from_slice(extra);
-    let p = Proc::spawn("vtox-sink", &args);
-    wait_listening(&addr, Duration::from_secs(10));
-    (p, addr)
-}
-
 /// Runs the simulator to its end and returns every metric line, the final one last.
 fn run_sim(args: &[&str], deadline: Duration) -> Vec<SimReport> {
     let mut sim = Proc::spawn_piped("vtox-sim", args);

@@ -11,16 +11,6 @@ use std::time::Duration;
 use vtox::fleet::vehicle_id;
 use vtox::metrics::SimReport;
 
-/// Starts a sink on a free port and waits until it listens.
-fn sink(extra: &[&str]) -> (Proc, String) {
-    let addr = format!("127.0.0.1:{}", free_port());
-    let mut args = vec!["--listen", addr.as_str()];
-    args.extend_from_slice(extra);
-    let p = Proc::spawn("vtox-sink", &args);
-    wait_listening(&addr, Duration::from_secs(10));
-    (p, addr)
-}
-
 /// Forwards the simulator's metric lines to a channel as they arrive.
 fn lines(p: &mut Proc) -> mpsc::Receiver<SimReport> {
     let out = p.child.stdout.take().expect("stdout is piped");

@@ -49,6 +49,17 @@ fn lab(agents: &[&str], token_file: Option<&str>) -> Lab {
     }
 }
 
+/// The dashboard of `lab` in `b`, on its Control tab.
+fn open_controls(b: &mut Browser, lab: &Lab) {
+    b.goto(&format!("http://{}/", lab.web));
+    b.wait_for(
+        "the page",
+        Duration::from_secs(20),
+        "!document.querySelector('#app').hidden",
+    );
+    b.click("#tabs button[data-tab=control]");
+}
+
 fn status(coord_url: &str) -> serde_json::Value {
     let out = Command::new(bin("vtox-coord"))
         .args(["status", "--coord", coord_url, "--json"])
@@ -160,13 +171,7 @@ fn a_run_form_with_a_bad_vehicle_count_shows_the_error_and_starts_nothing() {
         return;
     };
     let lab = lab(&["agent-f"], None);
-    b.goto(&format!("http://{}/", lab.web));
-    b.wait_for(
-        "the page",
-        Duration::from_secs(20),
-        "!document.querySelector('#app').hidden",
-    );
-    b.click("#tabs button[data-tab=control]");
+    open_controls(&mut b, &lab);
     b.type_into("#run-form input[name=vehicles]", "0");
     b.type_into("#run-form input[name=interval]", "1s");
     b.click("#run-form button[type=submit]");
@@ -323,13 +328,7 @@ fn a_ramp_started_from_the_page_shows_its_steps_and_its_report() {
         return;
     };
     let lab = lab(&["agent-r"], None);
-    b.goto(&format!("http://{}/", lab.web));
-    b.wait_for(
-        "the page",
-        Duration::from_secs(20),
-        "!document.querySelector('#app').hidden",
-    );
-    b.click("#tabs button[data-tab=control]");
+    open_controls(&mut b, &lab);
     b.type_into("#ramp-form input[name=steps]", "20,40");
     b.type_into("#ramp-form input[name=step_duration]", "2s");
     b.type_into("#ramp-form input[name=warmup]", "1s");

@@ -204,6 +204,16 @@ pub fn wait_listening(addr: &str, deadline: Duration) {
     });
 }
 
+/// A `vtox-sink` on a free loopback port with `extra` flags, listening; and its address.
+pub fn sink(extra: &[&str]) -> (Proc, String) {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut args = vec!["--listen", addr.as_str()];
+    args.extend_from_slice(extra);
+    let p = Proc::spawn("vtox-sink", &args);
+    wait_listening(&addr, Duration::from_secs(10));
+    (p, addr)
+}
+
 /// A fresh scratch directory under the system temp dir, removed on drop.
 pub struct TempDir(pub PathBuf);
 
