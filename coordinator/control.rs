@@ -1150,13 +1150,9 @@ impl StatusSnapshot {
             // fleet's sums, never kept per agent.
             for s in &a.reports {
                 if let Some(c) = &s.counters {
-                    for (sum, bytes) in
-                        [(&mut delay, &c.delay_hdr), (&mut late_age, &c.late_age_hdr)]
-                    {
-                        if !bytes.is_empty() {
-                            sum.add(&Buckets::from_bytes(bytes).unwrap_or_default());
-                        }
-                    }
+                    // A histogram that does not decode adds nothing (as below).
+                    let _ = delay.add_bytes(&c.delay_hdr);
+                    let _ = late_age.add_bytes(&c.late_age_hdr);
                 }
             }
             let (bytes, agent_summary) = match cache.merged.get(&a.name) {
@@ -1195,12 +1191,10 @@ impl StatusSnapshot {
                 instances: current.into_values().map(strip_histogram).collect(),
             });
         }
-        let fleet = fleet.finish();
-        totals.latency_summary = Some(summary(&fleet));
-        totals.latency_hdr = fleet.to_bytes();
+        // The fleet totals carry whole histograms (their percentiles are read from them).
+        totals.latency_hdr = fleet.finish().to_bytes();
         let delay = delay.finish();
         if !delay.is_empty() {
-            totals.delay_summary = Some(summary(&delay));
             totals.delay_hdr = delay.to_bytes();
         }
         let late_age = late_age.finish();
@@ -1266,7 +1260,6 @@ fn strip_histogram(s: &pb::InstanceStatus) -> pb::InstanceStatus {
             offline_ticks: c.offline_ticks,
             delay_hdr: Vec::new(),
             late_age_hdr: Vec::new(),
-            delay_summary: None,
         }),
         last_error: s.last_error.clone(),
     }

@@ -90,6 +90,14 @@ pub struct RampArgs {
 }
 
 impl RampArgs {
+    /// Everything checked before any process starts.
+    pub fn check(&self) -> Result<()> {
+        if self.steps.is_empty() || self.steps.contains(&0) {
+            bail!("--steps must list fleet sizes of at least 1 vehicle");
+        }
+        self.drive.check()
+    }
+
     fn search_duration(&self) -> Duration {
         self.search_step_duration
             .unwrap_or(self.step_duration / 2)
@@ -290,10 +298,7 @@ impl Step {
 }
 
 pub async fn ramp(a: RampArgs) -> Result<ExitCode> {
-    if a.steps.is_empty() || a.steps.contains(&0) {
-        bail!("--steps must list fleet sizes of at least 1 vehicle");
-    }
-    a.drive.check()?;
+    a.check()?;
     let mut redis = BackendRedis::connect(&a.drive.redis).await?;
     let score_from = match &mut redis {
         Some(r) => Some(r.server_ms().await?),

@@ -115,9 +115,7 @@ pub(crate) fn percentiles(c: &pb::Counters) -> (f64, f64, f64, f64) {
 /// None where no simulator recorded one.
 pub(crate) fn delay_percentiles(c: &pb::Counters) -> Option<(f64, f64, f64, f64)> {
     if c.delay_hdr.is_empty() {
-        let s = c.delay_summary.as_ref()?;
-        let ms = |us: u64| us as f64 / 1000.0;
-        return Some((ms(s.p50_us), ms(s.p95_us), ms(s.p99_us), ms(s.max_us)));
+        return None;
     }
     let l = Latency::from_bytes(&c.delay_hdr).ok()?;
     Some((

@@ -94,8 +94,6 @@ pub struct RampBoard {
     pub report_html: String,
     pub history_csv: String,
     pub error: String,
-    /// When it last reported (Unix seconds).
-    pub updated: f64,
 }
 
 /// The last status made, and what it cost.
@@ -216,6 +214,19 @@ impl Coordinator {
     /// large enough for merging to cost (thousands of agents) is merged in the background,
     /// ahead of whoever watches (`refresh_status`), and a watcher never waits behind it.
     fn status(&self, agent_histograms: bool, fresh: bool) -> pb::RunStatus {
+        self.status_if(agent_histograms, true, |l, version| {
+            l.version == version || (!fresh && l.took >= EXPENSIVE_STATUS)
+        })
+    }
+
+    /// The status from the last merge when `usable` says it may stand for now (it is never
+    /// passed off as another run's), else merged now; `watched` marks someone as looking.
+    fn status_if(
+        &self,
+        agent_histograms: bool,
+        watched: bool,
+        usable: impl FnOnce(&LastStatus, u64) -> bool,
+    ) -> pb::RunStatus {
         let (version, head) = {
             let sh = self.lock();
             (sh.core.version(), sh.core.run_head(now()))
@@ -223,9 +234,10 @@ impl Coordinator {
         let cached = {
             let mut last = lock(&self.last_status);
             last.as_mut().and_then(|l| {
-                l.asked = Instant::now();
-                let usable = l.version == version || (!fresh && l.took >= EXPENSIVE_STATUS);
-                usable.then(|| l.status.clone())
+                if watched {
+                    l.asked = Instant::now();
+                }
+                usable(l, version).then(|| l.status.clone())
             })
         };
         if let Some(answer) = cached.and_then(|r| r.answer(head, agent_histograms)) {
@@ -326,23 +338,13 @@ impl Coordinator {
     /// watching: the dashboard paces its own merges (`web::produce`).
     pub async fn dashboard_status(self: &Arc<Self>, max_age: Duration) -> pb::RunStatus {
         let c = self.clone();
-        tokio::task::spawn_blocking(move || c.status_within(max_age))
-            .await
-            .unwrap_or_default()
-    }
-
-    fn status_within(&self, max_age: Duration) -> pb::RunStatus {
-        let (version, head) = {
-            let sh = self.lock();
-            (sh.core.version(), sh.core.run_head(now()))
-        };
-        let cached = lock(&self.last_status).as_ref().and_then(|l| {
-            (l.version == version || l.made.elapsed() <= max_age).then(|| l.status.clone())
-        });
-        if let Some(answer) = cached.and_then(|r| r.answer(head, false)) {
-            return answer;
-        }
-        self.make_status().status.clone()
+        tokio::task::spawn_blocking(move || {
+            c.status_if(false, false, |l, version| {
+                l.version == version || l.made.elapsed() <= max_age
+            })
+        })
+        .await
+        .unwrap_or_default()
     }
 
     /// How long the last merge of the status took (zero before the first).
@@ -364,7 +366,6 @@ impl Coordinator {
             report_html: p.report_html,
             history_csv: p.history_csv,
             error: p.error,
-            updated: vtox::ingest::unix_secs(SystemTime::now()),
         };
         *lock(&self.ramp) = Some(board);
     }

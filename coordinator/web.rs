@@ -11,7 +11,7 @@
 
 use crate::backend::{BackendRedis, RedisArgs, Sampler};
 use crate::server::Coordinator;
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -294,20 +294,25 @@ impl Web {
         {
             return Some(error(StatusCode::FORBIDDEN, "cross-site request refused"));
         }
-        if let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
-            let host = headers
-                .get(header::HOST)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("");
-            let own = origin
-                .split_once("://")
-                .is_some_and(|(_, rest)| !host.is_empty() && rest == host);
-            if !own {
-                return Some(error(StatusCode::FORBIDDEN, "cross-origin request refused"));
-            }
+        if foreign_origin(headers) {
+            return Some(error(StatusCode::FORBIDDEN, "cross-origin request refused"));
         }
         None
     }
+}
+
+/// Whether the request says it comes from a page of another origin than this dashboard.
+fn foreign_origin(headers: &HeaderMap) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let host = headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    !origin
+        .split_once("://")
+        .is_some_and(|(_, rest)| !host.is_empty() && rest == host)
 }
 
 async fn session(State(web): State<Arc<Web>>, headers: HeaderMap) -> Response {
@@ -332,17 +337,7 @@ async fn login(
     let Some(token) = &web.token else {
         return ok(json!({"signed_in": true}));
     };
-    if headers
-        .get(header::ORIGIN)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|o| {
-            let host = headers
-                .get(header::HOST)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("");
-            o.split_once("://").is_none_or(|(_, rest)| rest != host)
-        })
-    {
+    if foreign_origin(&headers) {
         return error(StatusCode::FORBIDDEN, "cross-origin request refused");
     }
     let given = body.map(|b| b.0.token).unwrap_or_default();
@@ -515,12 +510,67 @@ fn field_named(text: &str, fields: &[(&'static str, &str, &str)]) -> &'static st
         .map_or("form", |(_, field)| field)
 }
 
+/// Each form field's error, by field ("form" for the form as a whole).
+type FormErrors = BTreeMap<&'static str, String>;
+
+/// A form parsed and checked as the command line would be: each field alone first (with
+/// `stub`, the words a command needs besides a flag, e.g. a vehicle count), so that its
+/// error goes next to it, then all of them with `extra` words.
+fn parse_form<C: clap::Parser>(
+    command: &str,
+    stub: &[&str],
+    fields: &[(&'static str, &str, &str)],
+    extra: &[String],
+    check: impl Fn(&C) -> anyhow::Result<()>,
+) -> Result<C, FormErrors> {
+    let mut errors = BTreeMap::new();
+    let mut all = vec![command.to_string()];
+    for &(field, flag, value) in fields {
+        let args = flag_args(flag, value);
+        if args.is_empty() {
+            continue;
+        }
+        all.extend(args.clone());
+        let mut alone = vec![command.to_string()];
+        if !flag.is_empty() {
+            alone.extend(stub.iter().map(|w| w.to_string()));
+        }
+        alone.extend(args);
+        match C::try_parse_from(&alone) {
+            Err(e) => {
+                errors.insert(field, clap_message(&e));
+            }
+            Ok(c) => {
+                if let Err(e) = check(&c) {
+                    errors.insert(field, format!("{e:#}"));
+                }
+            }
+        }
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    all.extend(extra.iter().cloned());
+    let c = C::try_parse_from(&all).map_err(|e| BTreeMap::from([("form", clap_message(&e))]))?;
+    if let Err(e) = check(&c) {
+        let text = format!("{e:#}");
+        return Err(BTreeMap::from([(field_named(&text, fields), text)]));
+    }
+    Ok(c)
+}
+
+/// A form refused: each field's error.
+fn form_errors(errors: FormErrors) -> Response {
+    let mut r = (StatusCode::BAD_REQUEST, Json(json!({ "errors": errors }))).into_response();
+    secure(r.headers_mut());
+    r
+}
+
 /// The run the form asks for, or each field's error.
 pub fn parse_run_form(
     f: &RunForm,
     default_target: &str,
-) -> Result<(crate::RunArgs, String), BTreeMap<&'static str, String>> {
-    use clap::Parser as _;
+) -> Result<(crate::RunArgs, String), FormErrors> {
     let fields: [(&'static str, &str, &str); 7] = [
         ("vehicles", "", &f.vehicles),
         ("interval", "--interval", &f.interval),
@@ -530,43 +580,18 @@ pub fn parse_run_form(
         ("delivery", "--delivery", &f.delivery),
         ("dropouts", "--dropouts", &f.dropouts),
     ];
-    let mut errors = BTreeMap::new();
+    let parsed = parse_form("run", &["1"], &fields, &[], |c: &RunCli| {
+        c.run.drive.check()
+    });
     if f.vehicles.trim().is_empty() {
+        // Said next to the field, beside whatever else is wrong, rather than as clap's
+        // "required argument" for the whole form.
+        let mut errors = parsed.err().unwrap_or_default();
+        errors.remove("form");
         errors.insert("vehicles", "how many vehicles?".to_string());
-    }
-    let mut all = vec!["run".to_string()];
-    for (field, flag, value) in fields {
-        let args = flag_args(flag, value);
-        if args.is_empty() {
-            continue;
-        }
-        all.extend(args.clone());
-        let mut alone = vec!["run".to_string()];
-        if field != "vehicles" {
-            alone.push("1".to_string());
-        }
-        alone.extend(args);
-        match RunCli::try_parse_from(&alone) {
-            Err(e) => {
-                errors.insert(field, clap_message(&e));
-            }
-            Ok(cli) => {
-                if let Err(e) = cli.run.drive.check() {
-                    errors.insert(field, format!("{e:#}"));
-                }
-            }
-        }
-    }
-    if !errors.is_empty() {
         return Err(errors);
     }
-    let cli =
-        RunCli::try_parse_from(&all).map_err(|e| BTreeMap::from([("form", clap_message(&e))]))?;
-    let run = cli.run;
-    if let Err(e) = run.drive.check() {
-        let text = format!("{e:#}");
-        return Err(BTreeMap::from([(field_named(&text, &fields), text)]));
-    }
+    let run = parsed?.run;
     let target = run
         .drive
         .target
@@ -654,7 +679,6 @@ async fn start_ramp(
     headers: HeaderMap,
     body: Option<Json<RampForm>>,
 ) -> Response {
-    use clap::Parser as _;
     if let Some(r) = web.refuse_post(&headers) {
         return r;
     }
@@ -680,71 +704,22 @@ async fn start_ramp(
         ("faults", "--faults", &f.faults),
         ("target", "--target", &f.target),
     ];
-    let mut errors = BTreeMap::new();
-    let mut all = vec!["ramp".to_string()];
-    for (field, flag, value) in fields {
-        let args = flag_args(flag, value);
-        if args.is_empty() {
-            continue;
-        }
-        all.extend(args.clone());
-        let alone: Vec<String> = std::iter::once("ramp".to_string()).chain(args).collect();
-        match RampCli::try_parse_from(&alone) {
-            Err(e) => {
-                errors.insert(field, clap_message(&e));
-            }
-            Ok(cli) => {
-                if let Err(e) = cli.ramp.drive.check() {
-                    errors.insert(field, format!("{e:#}"));
-                }
-            }
-        }
-    }
     let dir = std::env::temp_dir().join(format!("vtox-ramp-{}", std::process::id()));
     let out = dir.join("performance_test_report.json");
-    all.extend([
+    let mut extra = vec![
         "--coord".to_string(),
         web.opts.grpc_url.clone(),
         "--out".to_string(),
         out.to_string_lossy().into_owned(),
-    ]);
+    ];
     if f.target.trim().is_empty() {
         if let Some(t) = &web.opts.default_target {
-            all.extend(["--target".to_string(), t.clone()]);
+            extra.extend(["--target".to_string(), t.clone()]);
         }
     }
-    let parsed = if errors.is_empty() {
-        match RampCli::try_parse_from(&all) {
-            Ok(cli) => {
-                let a = cli.ramp;
-                let check = if a.steps.is_empty() || a.steps.contains(&0) {
-                    Err(anyhow!(
-                        "--steps must list fleet sizes of at least 1 vehicle"
-                    ))
-                } else {
-                    a.drive.check()
-                };
-                match check {
-                    Ok(()) => Some(a),
-                    Err(e) => {
-                        let text = format!("{e:#}");
-                        errors.insert(field_named(&text, &fields), text);
-                        None
-                    }
-                }
-            }
-            Err(e) => {
-                errors.insert("form", clap_message(&e));
-                None
-            }
-        }
-    } else {
-        None
-    };
-    let Some(args) = parsed else {
-        let mut r = (StatusCode::BAD_REQUEST, Json(json!({ "errors": errors }))).into_response();
-        secure(r.headers_mut());
-        return r;
+    let args = match parse_form("ramp", &[], &fields, &extra, |c: &RampCli| c.ramp.check()) {
+        Ok(c) => c.ramp,
+        Err(errors) => return form_errors(errors),
     };
     if let Err(e) = std::fs::create_dir_all(&dir) {
         return error(
@@ -811,7 +786,6 @@ fn ramp_view(b: crate::server::RampBoard) -> Value {
         "current": b.current,
         "error": b.error,
         "files": !b.report_json.is_empty(),
-        "updated": b.updated,
     })
 }
 

@@ -128,6 +128,34 @@ pub struct AgentRow {
     pub offline: u64,
 }
 
+impl AgentRow {
+    /// An agent's row with its host's hardware and nothing driven.
+    fn idle(name: &str, connected: bool, info: Option<&pb::AgentInfo>) -> AgentRow {
+        let hw = info.and_then(|i| i.hardware.clone()).unwrap_or_default();
+        AgentRow {
+            name: name.to_string(),
+            host: hw.hostname,
+            cores: hw.logical_cores,
+            memory_gib: hw.memory_total_bytes as f64 / (1u64 << 30) as f64,
+            connected,
+            up: 0,
+            restarting: 0,
+            failed: 0,
+            planned: 0,
+            vehicles: 0,
+            msg_s: 0.0,
+            success: 100.0,
+            p95_ms: None,
+            sim_cpu: None,
+            host_cpu: None,
+            rss_mib: 0.0,
+            heartbeat_s_ago: info.map(|i| i.last_seen_s_ago),
+            buffered: 0,
+            offline: 0,
+        }
+    }
+}
+
 /// Something that happened between two statuses.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Event {
@@ -424,15 +452,9 @@ impl Board {
             let rate = keep.rate;
             seen.insert(a.agent.clone(), keep);
             let count = |p: pb::Phase| a.instances.iter().filter(|i| phase_is(i, p)).count() as u32;
-            let info = infos.get(a.agent.as_str());
-            let hw = info.and_then(|i| i.hardware.clone()).unwrap_or_default();
+            let info = infos.get(a.agent.as_str()).copied();
             let usage = a.usage.unwrap_or_default();
             rows.push(AgentRow {
-                name: a.agent.clone(),
-                host: hw.hostname,
-                cores: hw.logical_cores,
-                memory_gib: hw.memory_total_bytes as f64 / (1u64 << 30) as f64,
-                connected: a.connected,
                 up: a.instances_running,
                 restarting: count(pb::Phase::Backoff) + count(pb::Phase::Starting),
                 failed: count(pb::Phase::Failed),
@@ -447,36 +469,15 @@ impl Board {
                 sim_cpu: a.usage.and_then(|u| u.simulators_cpu_percent),
                 host_cpu: a.usage.map(|u| u.cpu_percent),
                 rss_mib: usage.rss_bytes as f64 / (1u64 << 20) as f64,
-                heartbeat_s_ago: info.map(|i| i.last_seen_s_ago),
                 buffered: c.buffered,
                 offline: c.offline,
+                ..AgentRow::idle(&a.agent, a.connected, info)
             });
         }
         // Joined agents without a part in the run are listed too.
         for a in agents {
             if !seen.contains_key(&a.name) {
-                let hw = a.hardware.clone().unwrap_or_default();
-                rows.push(AgentRow {
-                    name: a.name.clone(),
-                    host: hw.hostname,
-                    cores: hw.logical_cores,
-                    memory_gib: hw.memory_total_bytes as f64 / (1u64 << 30) as f64,
-                    connected: a.connected,
-                    up: 0,
-                    restarting: 0,
-                    failed: 0,
-                    planned: 0,
-                    vehicles: 0,
-                    msg_s: 0.0,
-                    success: 100.0,
-                    p95_ms: None,
-                    sim_cpu: None,
-                    host_cpu: None,
-                    rss_mib: 0.0,
-                    heartbeat_s_ago: Some(a.last_seen_s_ago),
-                    buffered: 0,
-                    offline: 0,
-                });
+                rows.push(AgentRow::idle(&a.name, a.connected, Some(a)));
             }
         }
         self.prev.agents = seen;
@@ -578,90 +579,69 @@ impl Board {
     }
 
     fn point(&mut self, status: &pb::RunStatus, t: &pb::Counters, now: f64) -> Point {
-        let latency = Buckets::from_bytes(&t.latency_hdr).unwrap_or_default();
-        let delay = Buckets::from_bytes(&t.delay_hdr).unwrap_or_default();
         let interval = status
             .spec
             .as_ref()
             .map(|s| s.interval_s)
             .filter(|i| *i > 0.0)
             .unwrap_or(1.0);
+        let expected = t.active_vehicles as f64 / interval;
         let moved = t.elapsed_s - self.prev.elapsed_s >= MIN_RATE_WINDOW_S;
-        let prev_point = self.prev.point;
-        let point = if moved || prev_point.is_none() {
-            let dt = (t.elapsed_s - self.prev.elapsed_s).max(MIN_RATE_WINDOW_S);
-            let accepted = t.accepted.saturating_sub(self.prev.accepted);
-            let failed = t.failed.saturating_sub(self.prev.failed);
-            let window_l = latency.since(&self.prev.latency);
-            let window_d = delay.since(&self.prev.delay);
-            let lq = quantiles(&window_l);
-            let dq = quantiles(&window_d);
-            // The fleet's rates are the sums of the agents', each on its own clock: counters
-            // arrive a heartbeat at a time, agent by agent.
-            let accepted_rate: f64 = self.prev.agents.values().map(|a| a.accepted_rate).sum();
-            let failed_rate: f64 = self
-                .prev
-                .agents
-                .values()
-                .map(|a| (a.rate - a.accepted_rate).max(0.0))
-                .sum();
-            Point {
-                t: now,
-                expected: t.active_vehicles as f64 / interval,
-                accepted: accepted_rate,
-                failed: failed_rate,
-                success: if accepted + failed == 0 {
-                    100.0
-                } else {
-                    accepted as f64 * 100.0 / (accepted + failed) as f64
-                },
-                dropped: if prev_point.is_none() {
-                    0.0
-                } else {
-                    t.dropped.saturating_sub(self.prev.dropped) as f64 / dt
-                },
-                p50: lq.map(|q| q[0]),
-                p95: lq.map(|q| q[1]),
-                p99: lq.map(|q| q[2]),
-                delay_p50: dq.map(|q| q[0]),
-                delay_p95: dq.map(|q| q[1]),
-                delay_p99: dq.map(|q| q[2]),
-                buffered: t.buffered,
-                offline: t.offline,
-            }
-        } else {
+        let point = match self.prev.point {
             // No new counters since the last look: the last rates stand, the gauges move.
-            Point {
+            Some(p) if !moved => Point {
                 t: now,
-                expected: t.active_vehicles as f64 / interval,
+                expected,
                 buffered: t.buffered,
                 offline: t.offline,
-                ..prev_point.unwrap_or(Point {
+                ..p
+            },
+            first => {
+                let dt = (t.elapsed_s - self.prev.elapsed_s).max(MIN_RATE_WINDOW_S);
+                let accepted = t.accepted.saturating_sub(self.prev.accepted);
+                let failed = t.failed.saturating_sub(self.prev.failed);
+                let latency = Buckets::from_bytes(&t.latency_hdr).unwrap_or_default();
+                let delay = Buckets::from_bytes(&t.delay_hdr).unwrap_or_default();
+                let lq = quantiles(&latency.since(&self.prev.latency));
+                let dq = quantiles(&delay.since(&self.prev.delay));
+                // The fleet's rates are the sums of the agents', each on its own clock:
+                // counters arrive a heartbeat at a time, agent by agent.
+                let agents = self.prev.agents.values();
+                let accepted_rate: f64 = agents.clone().map(|a| a.accepted_rate).sum();
+                let failed_rate: f64 = agents.map(|a| (a.rate - a.accepted_rate).max(0.0)).sum();
+                let point = Point {
                     t: now,
-                    expected: 0.0,
-                    accepted: 0.0,
-                    failed: 0.0,
-                    success: 100.0,
-                    dropped: 0.0,
-                    p50: None,
-                    p95: None,
-                    p99: None,
-                    delay_p50: None,
-                    delay_p95: None,
-                    delay_p99: None,
-                    buffered: 0,
-                    offline: 0,
-                })
+                    expected,
+                    accepted: accepted_rate,
+                    failed: failed_rate,
+                    success: if accepted + failed == 0 {
+                        100.0
+                    } else {
+                        accepted as f64 * 100.0 / (accepted + failed) as f64
+                    },
+                    dropped: if first.is_none() {
+                        0.0
+                    } else {
+                        t.dropped.saturating_sub(self.prev.dropped) as f64 / dt
+                    },
+                    p50: lq.map(|q| q[0]),
+                    p95: lq.map(|q| q[1]),
+                    p99: lq.map(|q| q[2]),
+                    delay_p50: dq.map(|q| q[0]),
+                    delay_p95: dq.map(|q| q[1]),
+                    delay_p99: dq.map(|q| q[2]),
+                    buffered: t.buffered,
+                    offline: t.offline,
+                };
+                self.prev.latency = latency;
+                self.prev.delay = delay;
+                self.prev.accepted = t.accepted;
+                self.prev.failed = t.failed;
+                self.prev.dropped = t.dropped;
+                self.prev.elapsed_s = t.elapsed_s;
+                point
             }
         };
-        if moved || prev_point.is_none() {
-            self.prev.latency = latency;
-            self.prev.delay = delay;
-            self.prev.accepted = t.accepted;
-            self.prev.failed = t.failed;
-            self.prev.dropped = t.dropped;
-            self.prev.elapsed_s = t.elapsed_s;
-        }
         self.prev.point = Some(point);
         point
     }
@@ -807,38 +787,22 @@ mod tests {
         // A second later each agent accepted 50 more; the window's latencies are all 5 ms.
         let mut later: Vec<u64> = vec![1_000; 100];
         later.extend(std::iter::repeat_n(5_000, 100));
-        let f = b.update(
-            &status(
-                2.0,
-                &[
-                    ("a", 100, 0, &[running(0, 100)]),
-                    ("b", 100, 0, &[running(1, 100)]),
-                ],
-                &later,
-            ),
-            &infos,
-            3,
-            101.0,
+        let two_later = status(
+            2.0,
+            &[
+                ("a", 100, 0, &[running(0, 100)]),
+                ("b", 100, 0, &[running(1, 100)]),
+            ],
+            &later,
         );
+        let f = b.update(&two_later, &infos, 3, 101.0);
         let p = f.point.unwrap();
         assert!((p.accepted - 100.0).abs() < 1e-9, "{p:?}");
         assert!((p.p95.unwrap() - 5.0).abs() < 0.01, "window only: {p:?}");
         assert_eq!(p.success, 100.0);
         assert!(f.agents.iter().all(|r| (r.msg_s - 50.0).abs() < 1e-9));
         // The same counters looked at again (no heartbeat between): the rate stands.
-        let f = b.update(
-            &status(
-                2.0,
-                &[
-                    ("a", 100, 0, &[running(0, 100)]),
-                    ("b", 100, 0, &[running(1, 100)]),
-                ],
-                &later,
-            ),
-            &infos,
-            3,
-            101.5,
-        );
+        let f = b.update(&two_later, &infos, 3, 101.5);
         assert!((f.point.unwrap().accepted - 100.0).abs() < 1e-9);
         assert!((f.agents[0].msg_s - 50.0).abs() < 1e-9);
         assert_eq!(b.history().points.len(), 3);

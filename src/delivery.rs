@@ -30,11 +30,7 @@ impl Delivery {
 
     /// The mode named `name` (as on the command line); None for an unknown one.
     pub fn parse(name: &str) -> Option<Delivery> {
-        match name {
-            "store-and-forward" => Some(Delivery::StoreAndForward),
-            "at-most-once" => Some(Delivery::AtMostOnce),
-            _ => None,
-        }
+        <Delivery as clap::ValueEnum>::from_str(name, false).ok()
     }
 }
 

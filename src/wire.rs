@@ -120,7 +120,6 @@ impl pb::Counters {
             offline_ticks: r.offline_ticks,
             delay_hdr: hdr(&r.delay),
             late_age_hdr: hdr(&r.late_age),
-            delay_summary: None,
         }
     }
 
