@@ -1,27 +1,28 @@
 //! `vtox-agent`: joins a coordinator, reports this host's hardware, runs the simulator
 //! instances it is assigned and streams their metrics back. One per host.
 
+mod control;
+mod launch;
 mod supervisor;
-
-use vtox::hardware;
+mod tally;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio_stream::wrappers::ReceiverStream;
-use vtox::wire::pb::agent_service_client::AgentServiceClient;
-use vtox::wire::pb::{self, agent_message, coordinator_message};
-use vtox::wire::PROTOCOL_MAJOR;
 
 /// Join a vtox coordinator and run the simulator instances it assigns to this host.
 ///
-/// The agent measures the host (cores, memory, link speed, and how many messages one core
-/// generates), joins, and keeps a session open. It starts one `vtox-sim` per assigned
-/// instance, restarts crashed ones with backoff, and stops them all when told, when the
-/// coordinator has been silent longer than the lease, or when it exits itself.
+/// The agent measures the host (cores, memory, link speed, and what a message and a simulator
+/// process cost, by running the real simulator and sink for 1.5 s), joins, and keeps a session
+/// open. It starts one `vtox-sim` per assigned instance at a lower CPU priority than itself,
+/// restarts crashed ones with backoff, and stops them all when told, when the coordinator has
+/// been silent longer than the lease, or when it exits itself. Its lease, heartbeats and the
+/// simulators' keep-alive run on a thread of their own, so that the load it drives cannot
+/// make it miss its coordinator.
 #[derive(Debug, Parser)]
 #[command(name = "vtox-agent", version)]
 struct Args {
@@ -58,6 +59,11 @@ struct Args {
     /// Serve Prometheus metrics of this host's instances at http://ADDR/metrics.
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<std::net::SocketAddr>,
+    /// Niceness of the simulators (0..19): they yield the CPU to the agent, so that a host
+    /// driven past its capacity slows its generators (and says so) rather than the agent's
+    /// lease. 0 runs them at the agent's own priority.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(i32).range(0..=19))]
+    sim_nice: i32,
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = vtox::process::LogFormat::Text)]
     log_format: vtox::process::LogFormat,
@@ -126,6 +132,9 @@ fn default_sim_bin() -> Result<PathBuf> {
     Ok(me.with_file_name("vtox-sim"))
 }
 
+/// The agent's lease before the coordinator told its own: what `serve` defaults to.
+pub(crate) const LEASE_BEFORE_JOIN: Duration = Duration::from_secs(5);
+
 async fn run(args: Args, url: String, sim_bin: PathBuf) -> Result<()> {
     let token = vtox::auth::load(args.token_file.as_deref(), std::env::var("VTOX_TOKEN").ok())?;
     let bearer = vtox::auth::Bearer::new(token.as_deref())?;
@@ -148,258 +157,104 @@ async fn run(args: Args, url: String, sim_bin: PathBuf) -> Result<()> {
     let hardware = tokio::task::spawn_blocking({
         let name = name.clone();
         let mbps = args.network_mbps;
-        move || hardware::detect(&name, mbps)
+        let bins = vtox::hardware::Binaries::beside(sim_bin.clone());
+        move || vtox::hardware::detect(&name, mbps, Some(&bins))
     })
     .await?;
+    let c = hardware.calibration.clone().unwrap_or_default();
     tracing::info!(
         name,
         cores = hardware.logical_cores,
         memory_gib = hardware.memory_total_bytes as f64 / (1u64 << 30) as f64,
         link_mbps = hardware.link_mbps,
         msgs_per_core = hardware.calibrated_msgs_per_core.round(),
+        sim_us_per_msg = format!("{:.1}", c.sim_us_per_msg),
+        process_cores = format!("{:.4}", c.process_cores),
+        sink_us_per_msg = format!("{:.1}", c.sink_us_per_msg),
+        method = c.method,
         "measured this host"
     );
 
-    let (stop_tx, mut stop_rx) = watch::channel(false);
+    let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(async move {
         vtox::process::shutdown_signal().await;
         let _ = stop_tx.send(true);
     });
 
-    let mut sup_tx: Option<mpsc::Sender<supervisor::Command>> = None;
-    let mut sup_task = None;
-    let mut backoff = Duration::from_millis(250);
-    loop {
-        let joined = tokio::select! {
-            r = join(&url, &name, &hardware, args.max_vehicles, &bearer, tls.clone()) => r,
-            _ = stop_rx.changed() => break,
-        };
-        let (client, reply) = match joined {
-            Ok(j) => j,
-            Err(JoinError::Refused(status)) => {
-                // A refusal (bad token, duplicate name, unsupported version) will not change by
-                // retrying: say why and stop.
-                shutdown(sup_tx.take(), sup_task.take()).await;
-                bail!(
-                    "the coordinator at {url} refused this agent: {}",
-                    status.message()
-                );
-            }
-            Err(JoinError::Unreachable(e)) => {
-                tracing::warn!(
-                    "cannot reach the coordinator at {url}: {e}; retrying in {backoff:?}"
-                );
-                tokio::select! {
-                    _ = tokio::time::sleep(jittered(backoff)) => {}
-                    _ = stop_rx.changed() => break,
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(10));
-                continue;
-            }
-        };
-        backoff = Duration::from_millis(250);
-        let lease = Duration::from_millis(reply.lease_ms.max(500));
-        let heartbeat = Duration::from_millis(reply.heartbeat_ms.clamp(100, 60_000));
-        let tx = match &sup_tx {
-            Some(tx) => tx.clone(),
-            None => {
-                let (tx, rx) = mpsc::channel(64);
-                let cfg = supervisor::Config {
-                    sim_bin: sim_bin.clone(),
-                    log_dir: args.log_dir.clone(),
-                    agent: name.clone(),
-                    lease,
-                };
-                sup_task = Some(tokio::spawn(supervisor::run(cfg, rx)));
-                sup_tx = Some(tx.clone());
-                if let Some(addr) = args.metrics_listen {
-                    serve_metrics(addr, name.clone(), tx.clone()).await?;
-                }
-                tx
-            }
-        };
-        tracing::info!(agent_id = reply.agent_id, "joined {url}");
-        match session(client, &reply.agent_id, tx, heartbeat, &mut stop_rx).await {
-            Ok(SessionEnd::Stop) => break,
-            Ok(SessionEnd::Lost(why)) => {
-                tracing::warn!("session with the coordinator ended: {why}; rejoining")
-            }
-            Err(e) => tracing::warn!("session with the coordinator failed: {e:#}; rejoining"),
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(jittered(backoff)) => {}
-            _ = stop_rx.changed() => break,
-        }
+    let health = Arc::new(Mutex::new(vtox::agent::Health::new(LEASE_BEFORE_JOIN)));
+    let keep_alive = control::KeepAlive::default();
+    let (snapshot_tx, snapshot_rx) = watch::channel(Arc::new(supervisor::Snapshot::default()));
+    let (desired_tx, desired_rx) = watch::channel(control::Desired::default());
+    let (sup_tx, sup_rx) = mpsc::channel(4);
+    let cfg = supervisor::Config {
+        sim_bin,
+        log_dir: args.log_dir.clone(),
+        agent: name.clone(),
+        nice: args.sim_nice,
+    };
+    let sup_task = tokio::spawn(supervisor::run(
+        cfg,
+        desired_rx,
+        sup_rx,
+        supervisor::Links {
+            snapshot: snapshot_tx,
+            health: health.clone(),
+            keep_alive: keep_alive.clone(),
+        },
+    ));
+    if let Some(addr) = args.metrics_listen {
+        serve_metrics(addr, name.clone(), snapshot_rx.clone()).await?;
     }
+    let session = control::Session {
+        url,
+        name,
+        hardware,
+        max_vehicles: args.max_vehicles,
+        bearer,
+        tls,
+    };
+    let links = control::Links {
+        desired: desired_tx,
+        snapshot: snapshot_rx,
+        health,
+        keep_alive,
+    };
+    // The control thread returns when the agent stops (a signal) or is refused for good.
+    let thread = control::spawn(session, links, stop_rx)?;
+    let outcome = tokio::task::spawn_blocking(move || thread.join())
+        .await
+        .context("the control thread")?
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("the control thread panicked")));
     tracing::info!("stopping");
     shutdown(sup_tx, sup_task).await;
-    Ok(())
+    outcome
 }
 
-async fn shutdown(
-    tx: Option<mpsc::Sender<supervisor::Command>>,
-    task: Option<tokio::task::JoinHandle<()>>,
-) {
-    if let Some(tx) = tx {
-        let (done_tx, done_rx) = oneshot::channel();
-        if tx
-            .send(supervisor::Command::Shutdown(done_tx))
-            .await
-            .is_ok()
-        {
-            let _ = done_rx.await;
-        }
-    }
-    if let Some(t) = task {
-        let _ = t.await;
-    }
-}
-
-/// Up to ±25% around `d`, so that agents cut off together do not reconnect in lockstep.
-fn jittered(d: Duration) -> Duration {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|t| t.subsec_nanos())
-        .unwrap_or(0);
-    let f = 0.75 + 0.5 * (vtox::rng::unit(vtox::rng::mix64(u64::from(nanos))));
-    d.mul_f64(f)
-}
-
-type Client = AgentServiceClient<
-    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, vtox::auth::Bearer>,
->;
-
-enum JoinError {
-    Refused(tonic::Status),
-    Unreachable(String),
-}
-
-async fn join(
-    url: &str,
-    name: &str,
-    hardware: &pb::Hardware,
-    max_vehicles: Option<u64>,
-    bearer: &vtox::auth::Bearer,
-    tls: Option<tonic::transport::ClientTlsConfig>,
-) -> Result<(Client, pb::JoinResponse), JoinError> {
-    let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
-        .map_err(|e| JoinError::Unreachable(e.to_string()))?
-        .connect_timeout(Duration::from_secs(5));
-    let endpoint = match tls {
-        Some(t) => endpoint
-            .tls_config(t)
-            .map_err(|e| JoinError::Unreachable(e.to_string()))?,
-        None => endpoint,
-    };
-    let channel = endpoint
-        .connect()
+async fn shutdown(tx: mpsc::Sender<supervisor::Command>, task: tokio::task::JoinHandle<()>) {
+    let (done_tx, done_rx) = oneshot::channel();
+    if tx
+        .send(supervisor::Command::Shutdown(done_tx))
         .await
-        .map_err(|e| JoinError::Unreachable(e.to_string()))?;
-    let mut client = AgentServiceClient::with_interceptor(channel, bearer.clone());
-    let req = pb::JoinRequest {
-        name: name.to_string(),
-        hardware: Some(hardware.clone()),
-        max_vehicles: max_vehicles.unwrap_or(0),
-        protocol_major: PROTOCOL_MAJOR,
-    };
-    match client.join(req).await {
-        Ok(r) => Ok((client, r.into_inner())),
-        Err(s)
-            if matches!(
-                s.code(),
-                tonic::Code::Unavailable
-                    | tonic::Code::Unknown
-                    | tonic::Code::Internal
-                    | tonic::Code::ResourceExhausted
-            ) =>
-        {
-            Err(JoinError::Unreachable(s.message().to_string()))
-        }
-        Err(s) => Err(JoinError::Refused(s)),
+        .is_ok()
+    {
+        let _ = done_rx.await;
     }
-}
-
-enum SessionEnd {
-    Stop,
-    Lost(String),
-}
-
-async fn session(
-    mut client: Client,
-    agent_id: &str,
-    sup: mpsc::Sender<supervisor::Command>,
-    heartbeat: Duration,
-    stop: &mut watch::Receiver<bool>,
-) -> Result<SessionEnd> {
-    let (out_tx, out_rx) = mpsc::channel::<pb::AgentMessage>(16);
-    let epoch = snapshot(&sup).await.map(|s| s.epoch).unwrap_or(0);
-    out_tx
-        .send(pb::AgentMessage {
-            msg: Some(agent_message::Msg::Hello(pb::Hello {
-                agent_id: agent_id.to_string(),
-                epoch,
-            })),
-        })
-        .await?;
-    let mut inbound = client
-        .session(ReceiverStream::new(out_rx))
-        .await?
-        .into_inner();
-    let mut sys = sysinfo::System::new();
-    let mut tick = tokio::time::interval(heartbeat);
-    loop {
-        tokio::select! {
-            msg = inbound.message() => match msg {
-                Ok(Some(pb::CoordinatorMessage { msg: Some(coordinator_message::Msg::Assignment(a)) })) => {
-                    if sup.send(supervisor::Command::Apply(Box::new(a))).await.is_err() {
-                        bail!("the supervisor stopped");
-                    }
-                }
-                Ok(Some(_)) => {}
-                Ok(None) => return Ok(SessionEnd::Lost("the coordinator closed the session".into())),
-                Err(s) => return Ok(SessionEnd::Lost(s.message().to_string())),
-            },
-            _ = tick.tick() => {
-                let Some(snap) = snapshot(&sup).await else { bail!("the supervisor stopped") };
-                sys.refresh_cpu_usage();
-                let usage = pb::HostUsage {
-                    cpu_percent: f64::from(sys.global_cpu_usage()),
-                    rss_bytes: snap.rss_bytes,
-                    simulators_cpu_percent: snap.simulators_cpu_percent,
-                    cores: sys.cpus().len() as u32,
-                };
-                let hb = pb::Heartbeat { epoch: snap.epoch, instances: snap.instances, usage: Some(usage) };
-                if out_tx.send(pb::AgentMessage { msg: Some(agent_message::Msg::Heartbeat(hb)) }).await.is_err() {
-                    return Ok(SessionEnd::Lost("the session's stream closed".into()));
-                }
-            }
-            _ = stop.changed() => return Ok(SessionEnd::Stop),
-        }
-    }
+    let _ = task.await;
 }
 
 /// `/metrics` for this host: the supervisor's statuses as Prometheus text.
 async fn serve_metrics(
     addr: std::net::SocketAddr,
     name: String,
-    sup: mpsc::Sender<supervisor::Command>,
+    snapshot: watch::Receiver<Arc<supervisor::Snapshot>>,
 ) -> Result<()> {
     vtox::process::serve_metrics(addr, move || {
-        let (name, sup) = (name.clone(), sup.clone());
+        let (name, snapshot) = (name.clone(), snapshot.clone());
         async move {
-            let instances = snapshot(&sup)
-                .await
-                .map(|s| s.instances)
-                .unwrap_or_default();
-            vtox::prometheus::agent(&name, &instances)
+            let snap = snapshot.borrow().clone();
+            vtox::prometheus::agent(&name, &snap.instances)
         }
     })
     .await
     .with_context(|| format!("cannot listen on {addr} for metrics"))
-}
-
-async fn snapshot(sup: &mpsc::Sender<supervisor::Command>) -> Option<supervisor::Snapshot> {
-    let (tx, rx) = oneshot::channel();
-    sup.send(supervisor::Command::Snapshot(tx)).await.ok()?;
-    rx.await.ok()
 }

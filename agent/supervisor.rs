@@ -1,110 +1,67 @@
-//! The agent's local reconcile loop: it owns the simulator processes, starts what the newest
-//! assignment wants, stops what it no longer wants, restarts crashed instances with backoff,
-//! and keeps each incarnation's cumulative counters for the heartbeats.
+//! The agent's processes: it starts what the newest trusted assignment wants, stops what it no
+//! longer wants (or everything, on a lease expiry), restarts crashed instances with backoff,
+//! and keeps each incarnation's cumulative counters, with why it ended, for the heartbeats.
+//! The control thread decides what to trust; this runs on the main runtime and publishes its
+//! statuses for the heartbeats to take, never waited for.
 
-use clap::Parser;
-use std::collections::{BTreeMap, VecDeque};
+use crate::control::{Desired, KeepAlive};
+use crate::launch::{restart_after, rss_of, sim_args, CpuMeter, RESTART_LIMIT};
+use crate::tally::{apply_tally, read_tally_file, TallyKey};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
+use vtox::agent::{Health, Loop};
 use vtox::metrics::SimReport;
-use vtox::sim_args::SimArgs;
-use vtox::wire::pb::{self, Phase};
+use vtox::wire::pb::{self, End, Phase};
 
-/// Restart backoff: 1 s doubling to 30 s; a crash after five restarts within a minute marks
-/// the instance failed.
-const BACKOFF_FIRST: Duration = Duration::from_secs(1);
-const BACKOFF_MAX: Duration = Duration::from_secs(30);
-/// Five restarts within this window and a sixth crash mark an instance failed.
-const CRASH_WINDOW: Duration = Duration::from_secs(60);
-const RESTART_LIMIT: usize = 5;
-/// Crashes older than this no longer lengthen the backoff: an instance that ran quietly for
-/// ten minutes is restarted after 1 s again, as Kubernetes resets its crash backoff.
-const BACKOFF_MEMORY: Duration = Duration::from_secs(600);
+/// The supervisor's own period: spawns that are due, overstaying processes, its statuses.
+const TICK: Duration = Duration::from_millis(200);
+/// Statuses are published at least this often (CPU meters move), and when something changed
+/// no more often than `PUBLISH_SPACING`: a heartbeat takes one a second, and hundreds of
+/// instances' statuses are not copied for nothing.
+const PUBLISH_EVERY: Duration = Duration::from_secs(1);
+const PUBLISH_SPACING: Duration = Duration::from_millis(400);
+/// A simulator that stopped itself on its own lease is started again after this, if the
+/// agent's lease holds: its agent was late, not gone.
+const AFTER_SIM_LEASE: Duration = Duration::from_secs(1);
+/// The exit code of a simulator that stopped because its agent went quiet (see vtox-sim).
+const EXIT_LEASE_LOST: i32 = 3;
 
 pub struct Config {
     pub sim_bin: PathBuf,
     pub log_dir: PathBuf,
     pub agent: String,
-    pub lease: Duration,
+    /// Niceness of the simulators; 0 leaves them at the agent's priority.
+    pub nice: i32,
 }
 
-/// What the supervisor reports for a heartbeat.
+/// What the supervisor publishes for the heartbeats and `/metrics`.
+#[derive(Default)]
 pub struct Snapshot {
-    pub epoch: u64,
     pub instances: Vec<pb::InstanceStatus>,
     /// Resident memory of the simulators together.
     pub rss_bytes: u64,
     /// CPU of the simulators together, percent of the whole host (None until measured).
     pub simulators_cpu_percent: Option<f64>,
+    /// CPU of the agent process itself, percent of the whole host.
+    pub agent_cpu_percent: Option<f64>,
+    /// Instances due to start that wait because the agent is starved.
+    pub starts_deferred: u32,
 }
 
-/// The simulators' own CPU use, measured from `/proc` of each child between snapshots, so
-/// that a verdict about the generator rests on the generator and not on whatever else the
-/// host runs (the backend itself, say).
-struct CpuMeter {
-    cores: u32,
-    ticks_per_s: f64,
-    last: Option<(Instant, BTreeMap<u32, u64>)>,
-    percent: Option<f64>,
+/// What the supervisor shares with the control thread.
+pub struct Links {
+    pub snapshot: watch::Sender<Arc<Snapshot>>,
+    pub health: Arc<Mutex<Health>>,
+    pub keep_alive: KeepAlive,
 }
 
-impl CpuMeter {
-    fn new() -> CpuMeter {
-        // SAFETY: sysconf has no memory-safety preconditions.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-        CpuMeter {
-            cores: std::thread::available_parallelism()
-                .map(|n| n.get() as u32)
-                .unwrap_or(1),
-            ticks_per_s: if hz > 0 { hz as f64 } else { 100.0 },
-            last: None,
-            percent: None,
-        }
-    }
-
-    /// Measures the pids' CPU since the last measurement (at most twice a second: several
-    /// callers ask, and a short interval would be all noise).
-    fn measure(&mut self, pids: impl Iterator<Item = u32>, now: Instant) -> Option<f64> {
-        if self
-            .last
-            .as_ref()
-            .is_some_and(|(at, _)| now.duration_since(*at) < Duration::from_millis(500))
-        {
-            return self.percent;
-        }
-        let ticks: BTreeMap<u32, u64> = pids
-            .filter_map(|pid| {
-                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-                Some((pid, vtox::process::proc_stat_cpu_ticks(&stat)?))
-            })
-            .collect();
-        if let Some((at, before)) = &self.last {
-            // A process new since the last look started after it: all of its time counts.
-            let used: u64 = ticks
-                .iter()
-                .map(|(pid, t)| t.saturating_sub(before.get(pid).copied().unwrap_or(0)))
-                .sum();
-            self.percent = Some(vtox::process::cpu_share_percent(
-                used,
-                self.ticks_per_s,
-                now.duration_since(*at).as_secs_f64(),
-                self.cores,
-            ));
-        }
-        self.last = Some((now, ticks));
-        self.percent
-    }
-}
-
-/// What the rest of the agent asks of the supervisor.
+/// What the rest of the agent asks of the supervisor besides the desired state.
 pub enum Command {
-    /// A new desired state from the coordinator (also renews the lease).
-    Apply(Box<pb::Assignment>),
-    /// The statuses to put in the next heartbeat.
-    Snapshot(oneshot::Sender<Snapshot>),
     /// Stop everything and answer when all simulators have exited.
     Shutdown(oneshot::Sender<()>),
 }
@@ -122,7 +79,8 @@ enum Event {
     Exited {
         index: u32,
         incarnation: u64,
-        success: bool,
+        pid: Option<u32>,
+        code: Option<i32>,
         detail: String,
     },
 }
@@ -137,6 +95,8 @@ struct Instance {
     pid: Option<u32>,
     next_start: Instant,
     last_error: String,
+    /// Why its current incarnation ended (None while it runs or before it started).
+    end: End,
 }
 
 /// A process told to stop: it finishes its requests in flight and exits by itself, or is
@@ -153,18 +113,26 @@ pub struct Supervisor {
     epoch: u64,
     run_id: String,
     spec: Option<pb::RunSpec>,
+    /// The agent's lease, for the simulators' own (half of it).
+    lease: Duration,
     instances: BTreeMap<u32, Instance>,
     /// Ended incarnations of the current run; reported so that no count is ever lost.
     history: Vec<pb::InstanceStatus>,
     /// Processes told to stop that have not exited yet, by pid.
     stopping: BTreeMap<u32, Stopping>,
-    last_heard: Instant,
-    /// Set when the lease expired: the next assignment is applied even if its epoch is known.
-    lapsed: bool,
+    /// Lease expiries acted on (each stops everything once).
+    expiries_seen: u64,
+    /// Instances stopped to shed load in this run: not started again by later assignments.
+    shed: BTreeSet<u32>,
+    /// Due starts held back by starvation, and whether that was said.
+    deferred: u32,
+    said_deferred: bool,
     /// Tallies of the current run left by an earlier process of this agent (killed with
     /// `-9`, then restarted): their simulators' final counts, reported so that none is lost.
     recovered: Vec<(PathBuf, TallyKey)>,
     events_tx: mpsc::UnboundedSender<Event>,
+    links: Links,
+    changed: bool,
 }
 
 fn signal(pid: u32, sig: i32) {
@@ -174,21 +142,31 @@ fn signal(pid: u32, sig: i32) {
     }
 }
 
-/// Runs the supervisor until it is shut down.
-pub async fn run(cfg: Config, mut commands: mpsc::Receiver<Command>) {
+/// Runs the supervisor until it is shut down: `desired` is what the control thread trusts.
+pub async fn run(
+    cfg: Config,
+    mut desired: watch::Receiver<Desired>,
+    mut commands: mpsc::Receiver<Command>,
+    links: Links,
+) {
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let mut sup = Supervisor {
         cfg,
         epoch: 0,
         run_id: String::new(),
         spec: None,
+        lease: crate::LEASE_BEFORE_JOIN,
         instances: BTreeMap::new(),
         history: Vec::new(),
         stopping: BTreeMap::new(),
-        last_heard: Instant::now(),
-        lapsed: false,
+        expiries_seen: 0,
+        shed: BTreeSet::new(),
+        deferred: 0,
+        said_deferred: false,
         recovered: Vec::new(),
         events_tx,
+        links,
+        changed: true,
     };
     // Whatever an earlier process of this agent left (killed with -9, its simulators counting
     // on after its last heartbeat) is reported: the coordinator takes the counts of its
@@ -197,75 +175,89 @@ pub async fn run(cfg: Config, mut commands: mpsc::Receiver<Command>) {
     for (_, k) in &sup.recovered {
         tracing::info!(run = %k.run_id, instance = k.index, incarnation = k.incarnation, "reporting the counts an earlier agent process left");
     }
-    let mut meter = CpuMeter::new();
-    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    let mut meters = (CpuMeter::new(), CpuMeter::new());
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (mut last_tick, mut last_publish) = (Instant::now(), Instant::now());
     loop {
         tokio::select! {
-            cmd = commands.recv() => match cmd {
-                Some(Command::Apply(a)) => sup.apply(*a),
-                Some(Command::Snapshot(reply)) => {
-                    let pids: Vec<u32> = sup.pids();
-                    let cpu = meter.measure(pids.into_iter(), Instant::now());
-                    let _ = reply.send(Snapshot {
-                        epoch: sup.epoch,
-                        instances: sup.statuses(),
-                        rss_bytes: sup.rss_bytes(),
-                        simulators_cpu_percent: cpu,
-                    });
-                }
-                Some(Command::Shutdown(done)) => {
+            changed = desired.changed() => {
+                if changed.is_err() {
                     sup.shutdown(&mut events).await;
+                    return;
+                }
+                let d = desired.borrow_and_update().clone();
+                sup.desired(d);
+            }
+            cmd = commands.recv() => {
+                sup.shutdown(&mut events).await;
+                if let Some(Command::Shutdown(done)) = cmd {
                     let _ = done.send(());
-                    return;
                 }
-                None => {
-                    sup.shutdown(&mut events).await;
-                    return;
-                }
-            },
+                return;
+            }
             Some(ev) = events.recv() => sup.handle(ev),
-            _ = tick.tick() => sup.tick(),
+            _ = tick.tick() => {
+                let now = Instant::now();
+                let lag = vtox::agent::lag(TICK, now.saturating_duration_since(last_tick));
+                last_tick = now;
+                let starved = {
+                    let mut h = lock(&sup.links.health);
+                    h.record(Loop::Supervisor, now, lag);
+                    h.starved(now)
+                };
+                sup.tick(now, starved);
+                let since = now.saturating_duration_since(last_publish);
+                if (sup.changed && since >= PUBLISH_SPACING) || since >= PUBLISH_EVERY {
+                    sup.publish(&mut meters, now);
+                    last_publish = now;
+                }
+            }
         }
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 impl Supervisor {
-    fn apply(&mut self, a: pb::Assignment) {
-        // A message that arrives after a silence longer than the lease may have waited in a
-        // queue while this agent was frozen: the lease has run out all the same.
-        self.check_lease(Instant::now());
-        if a.epoch < self.epoch {
-            tracing::warn!(
-                epoch = a.epoch,
-                current = self.epoch,
-                "refusing a stale assignment"
-            );
-            return;
+    /// The control thread's desired state changed: a lease expiry stops everything, a newer
+    /// assignment is applied.
+    fn desired(&mut self, d: Desired) {
+        self.lease = d.lease;
+        if d.expiries > self.expiries_seen {
+            self.expiries_seen = d.expiries;
+            self.stop_all(End::Lease, "lease expired");
         }
-        self.last_heard = Instant::now();
-        if self.lapsed && a.epoch <= self.epoch {
-            // Queued before the lease ran out: the coordinator may have moved these vehicles
-            // since. Only a newer epoch, issued after it saw this agent again, is trusted.
-            return;
+        if let Some(a) = d.assignment {
+            if a.epoch != self.epoch || a.run_id != self.run_id {
+                self.apply(&a);
+            }
         }
-        if a.epoch == self.epoch && a.run_id == self.run_id && !self.lapsed {
-            return;
-        }
-        self.lapsed = false;
+    }
+
+    fn apply(&mut self, a: &pb::Assignment) {
+        self.changed = true;
         self.epoch = a.epoch;
         if a.run_id.is_empty() {
             // The run ended or was stopped: the simulators go, but the run's id and history
             // stay, so that their last metric lines still reach the coordinator.
-            self.stop_all("run ended");
+            self.stop_all(End::Unassigned, "run ended");
         } else if a.run_id != self.run_id {
-            self.stop_all("new run");
+            self.stop_all(End::Unassigned, "new run");
             self.history.clear();
+            self.shed.clear();
             self.run_id = a.run_id.clone();
             self.recover_tallies();
         }
-        self.spec = a.spec;
-        let desired: BTreeMap<u32, pb::InstanceSpec> =
-            a.instances.into_iter().map(|i| (i.index, i)).collect();
+        self.spec = a.spec.clone();
+        let desired: BTreeMap<u32, pb::InstanceSpec> = a
+            .instances
+            .iter()
+            .filter(|i| !self.shed.contains(&i.index))
+            .map(|i| (i.index, *i))
+            .collect();
         let unwanted: Vec<u32> = self
             .instances
             .iter()
@@ -273,7 +265,7 @@ impl Supervisor {
             .map(|(idx, _)| *idx)
             .collect();
         for idx in unwanted {
-            self.stop(idx, "no longer assigned");
+            self.stop(idx, End::Unassigned, "no longer assigned");
         }
         let stagger = Duration::from_secs_f64(
             self.spec
@@ -306,65 +298,51 @@ impl Supervisor {
                     pid: None,
                     next_start: now + stagger * position,
                     last_error: String::new(),
+                    end: End::None,
                 },
             );
             position += 1;
         }
     }
 
-    fn stop(&mut self, idx: u32, why: &str) {
-        if let Some(inst) = self.instances.remove(&idx) {
-            tracing::info!(instance = idx, why, "stopping");
-            if let Some(pid) = inst.pid {
-                signal(pid, libc::SIGTERM);
-                self.stopping.insert(
-                    pid,
-                    Stopping {
-                        index: idx,
-                        incarnation: inst.incarnation,
-                        kill_at: Some(Instant::now() + self.stop_grace()),
-                    },
-                );
-            }
-            let mut ended = status_of(&self.run_id, idx, &inst);
-            // Stopped on purpose: whatever it was doing, it is not running any more. Its
-            // counts are final only once the process has exited (see `handle`).
-            if inst.phase != Phase::Failed {
-                ended.phase = if inst.pid.is_some() {
-                    Phase::Stopping
-                } else {
-                    Phase::Exited
-                } as i32;
-            }
-            self.history.push(ended);
-        }
+    /// Stops instance `idx` (its process, if any, is told to finish) for `end`.
+    fn stop(&mut self, idx: u32, end: End, why: &str) {
+        let Some(mut inst) = self.instances.remove(&idx) else {
+            return;
+        };
+        self.changed = true;
+        tracing::info!(instance = idx, why, "stopping");
+        // An instance without a process (waiting to start, in backoff, failed, finished) has
+        // its last incarnation in the history already, with why that one ended.
+        let Some(pid) = inst.pid else { return };
+        signal(pid, libc::SIGTERM);
+        self.stopping.insert(
+            pid,
+            Stopping {
+                index: idx,
+                incarnation: inst.incarnation,
+                kill_at: Some(Instant::now() + self.stop_grace()),
+            },
+        );
+        // Stopped on purpose: its counts are final only once the process has exited (see
+        // `stopped`).
+        inst.phase = Phase::Stopping;
+        inst.end = end;
+        self.history.push(status_of(&self.run_id, idx, &inst));
     }
 
     fn stop_grace(&self) -> Duration {
         vtox::process::stop_grace(self.spec.as_ref().map_or(5.0, |s| s.timeout_s))
     }
 
-    fn stop_all(&mut self, why: &str) {
+    fn stop_all(&mut self, end: End, why: &str) {
         let all: Vec<u32> = self.instances.keys().copied().collect();
         for idx in all {
-            self.stop(idx, why);
+            self.stop(idx, end, why);
         }
     }
 
-    /// Stops everything when the coordinator has been silent longer than the lease: it may
-    /// already have moved these vehicles elsewhere, and none may be driven twice.
-    fn check_lease(&mut self, now: Instant) -> bool {
-        if self.instances.is_empty() || now.duration_since(self.last_heard) <= self.cfg.lease {
-            return false;
-        }
-        tracing::warn!(lease = ?self.cfg.lease, "lease expired without word from the coordinator; stopping all instances");
-        self.stop_all("lease expired");
-        self.lapsed = true;
-        true
-    }
-
-    fn tick(&mut self) {
-        let now = Instant::now();
+    fn tick(&mut self, now: Instant, starved: bool) {
         for (pid, st) in self.stopping.iter_mut() {
             if st.kill_at.is_some_and(|t| t <= now) {
                 tracing::warn!(
@@ -377,9 +355,6 @@ impl Supervisor {
                 st.kill_at = None;
             }
         }
-        if self.check_lease(now) {
-            return;
-        }
         let due: Vec<u32> = self
             .instances
             .iter()
@@ -390,8 +365,49 @@ impl Supervisor {
             })
             .map(|(idx, _)| *idx)
             .collect();
-        for idx in due {
-            self.spawn(idx);
+        if starved {
+            // Starting processes on a host that cannot run the ones it has would only feed
+            // the starvation: they wait, and the heartbeats say so.
+            if !due.is_empty() && !self.said_deferred {
+                tracing::warn!(
+                    instances = due.len(),
+                    "this agent is starved of CPU (its own timers are late); holding back simulator starts"
+                );
+                self.said_deferred = true;
+            }
+            self.deferred = due.len() as u32;
+        } else {
+            self.deferred = 0;
+            self.said_deferred = false;
+            for idx in due {
+                self.spawn(idx);
+            }
+        }
+        self.shed_if_starved(now);
+    }
+
+    /// After long unbroken starvation, stops the newest running instance: its vehicles are
+    /// not driven (and shown as such) rather than every vehicle of the host driven late.
+    fn shed_if_starved(&mut self, now: Instant) {
+        let running: Vec<u32> = self
+            .instances
+            .iter()
+            .filter(|(_, i)| i.phase == Phase::Running)
+            .map(|(idx, _)| *idx)
+            .collect();
+        if !lock(&self.links.health).shed(now, running.len()) {
+            return;
+        }
+        if let Some(&idx) = running.last() {
+            let vehicles = self.instances.get(&idx).map_or(0, |i| i.spec.vehicles);
+            tracing::error!(
+                instance = idx,
+                vehicles,
+                "this agent has been starved of CPU for {:?}: shedding one simulator; its vehicles are not driven for the rest of the run",
+                vtox::agent::SHED_AFTER
+            );
+            self.shed.insert(idx);
+            self.stop(idx, End::Shed, "shedding load");
         }
     }
 
@@ -400,12 +416,15 @@ impl Supervisor {
             return;
         };
         let agent = self.cfg.agent.clone();
+        let lease = self.lease;
         let Some(inst) = self.instances.get_mut(&idx) else {
             return;
         };
+        self.changed = true;
         let now = vtox::ingest::unix_secs(SystemTime::now());
-        let Some(mut sim) = sim_args(&spec, &inst.spec, &agent, now, self.cfg.lease) else {
+        let Some(mut sim) = sim_args(&spec, &inst.spec, &agent, now, lease) else {
             inst.phase = Phase::Exited;
+            inst.end = End::Finished;
             return;
         };
         let incarnation = vtox::ingest::unix_ms(SystemTime::now()).max(inst.incarnation + 1);
@@ -423,78 +442,22 @@ impl Supervisor {
             }
         }
         sim.tally = Some(tally);
-        let log_path = self.cfg.log_dir.join(format!("instance-{idx}.log"));
-        let stderr = match std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-        {
-            Ok(f) => Stdio::from(f),
-            Err(e) => {
-                tracing::warn!(path = %log_path.display(), "cannot open the instance log ({e}); its stderr is discarded");
-                Stdio::null()
-            }
-        };
-        let mut cmd = tokio::process::Command::new(&self.cfg.sim_bin);
-        cmd.args(sim.to_args())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(stderr)
-            .kill_on_drop(true);
+        let mut cmd = command(&self.cfg, idx, &sim);
         match cmd.spawn() {
-            Ok(mut child) => {
+            Ok(child) => {
                 inst.incarnation = incarnation;
                 inst.counters = pb::Counters::default();
                 inst.pid = child.id();
                 inst.phase = Phase::Running;
+                inst.end = End::None;
                 tracing::info!(instance = idx, pid = ?inst.pid, incarnation, "simulator started");
-                let tx = self.events_tx.clone();
-                let stdout = child.stdout.take();
-                if let Some(mut stdin) = child.stdin.take() {
-                    // The simulator's lease: a byte every quarter lease while this agent lives.
-                    // If the agent dies the pipe closes; if it freezes the bytes stop.
-                    let every = (self.cfg.lease / 8).max(Duration::from_millis(100));
-                    tokio::spawn(async move {
-                        use tokio::io::AsyncWriteExt;
-                        let mut tick = tokio::time::interval(every);
-                        loop {
-                            tick.tick().await;
-                            if stdin.write_all(b".").await.is_err() || stdin.flush().await.is_err()
-                            {
-                                break;
-                            }
-                        }
-                    });
-                }
-                tokio::spawn(async move {
-                    if let Some(out) = stdout {
-                        let mut lines = BufReader::new(out).lines();
-                        while let Ok(Some(line)) = lines.next_line().await {
-                            let ev = match SimReport::parse_line(&line) {
-                                Ok(report) => Event::Line {
-                                    index: idx,
-                                    incarnation,
-                                    report: Box::new(report),
-                                },
-                                Err(_) => Event::BadLine {
-                                    index: idx,
-                                    incarnation,
-                                },
-                            };
-                            let _ = tx.send(ev);
-                        }
-                    }
-                    let (success, detail) = match child.wait().await {
-                        Ok(st) => (st.success(), st.to_string()),
-                        Err(e) => (false, e.to_string()),
-                    };
-                    let _ = tx.send(Event::Exited {
-                        index: idx,
-                        incarnation,
-                        success,
-                        detail,
-                    });
-                });
+                watch_child(
+                    child,
+                    idx,
+                    incarnation,
+                    self.events_tx.clone(),
+                    &self.links.keep_alive,
+                );
             }
             Err(e) => {
                 tracing::error!(instance = idx, bin = %self.cfg.sim_bin.display(), "cannot start the simulator: {e}");
@@ -505,32 +468,13 @@ impl Supervisor {
     }
 
     fn handle(&mut self, ev: Event) {
+        self.changed = true;
         match ev {
             Event::Line {
                 index,
                 incarnation,
                 report,
-            } => {
-                if let Some(inst) = self
-                    .instances
-                    .get_mut(&index)
-                    .filter(|i| i.incarnation == incarnation)
-                {
-                    let bad = inst.counters.bad_lines;
-                    inst.counters = pb::Counters::from_report(&report);
-                    inst.counters.bad_lines = bad;
-                } else if let Some(h) = self
-                    .history
-                    .iter_mut()
-                    .find(|h| h.index == index && h.incarnation == incarnation)
-                {
-                    // The final line of a stopped instance arrives after it left the desired set.
-                    let bad = h.counters.as_ref().map(|c| c.bad_lines).unwrap_or(0);
-                    let mut c = pb::Counters::from_report(&report);
-                    c.bad_lines = bad;
-                    h.counters = Some(c);
-                }
-            }
+            } => self.line(index, incarnation, &report),
             Event::BadLine { index, incarnation } => {
                 if let Some(inst) = self
                     .instances
@@ -543,44 +487,97 @@ impl Supervisor {
             Event::Exited {
                 index,
                 incarnation,
-                success,
+                pid,
+                code,
                 detail,
             } => {
-                let run_id = self.run_id.clone();
-                let Some(inst) = self
-                    .instances
-                    .get_mut(&index)
-                    .filter(|i| i.incarnation == incarnation)
-                else {
-                    self.stopping
-                        .retain(|_, st| (st.index, st.incarnation) != (index, incarnation));
-                    self.stopped(index, incarnation, success);
-                    return;
-                };
-                inst.pid = None;
-                if success {
-                    tracing::info!(instance = index, "simulator finished");
-                    inst.phase = Phase::Exited;
-                    return;
+                if let Some(pid) = pid {
+                    self.links.keep_alive.remove(pid);
                 }
-                tracing::warn!(instance = index, %detail, "simulator exited abnormally");
-                inst.last_error = format!("exited: {detail}");
-                // A killed simulator's last metric line is up to a report interval old; its
-                // tally file has the exact totals.
-                let key = TallyKey {
-                    run_id: run_id.clone(),
-                    index,
-                    incarnation,
-                    first_vehicle: inst.spec.first_vehicle,
-                    vehicles: inst.spec.vehicles,
-                };
-                if let Some(t) = read_tally_file(&key.path(&self.cfg.log_dir, &self.cfg.agent)) {
-                    apply_tally(&mut inst.counters, &t);
-                }
-                self.history.push(status_of(&run_id, index, inst));
-                crashed(inst, Instant::now());
+                self.exited(index, incarnation, code, detail);
             }
         }
+    }
+
+    fn line(&mut self, index: u32, incarnation: u64, report: &SimReport) {
+        if let Some(inst) = self
+            .instances
+            .get_mut(&index)
+            .filter(|i| i.incarnation == incarnation)
+        {
+            let bad = inst.counters.bad_lines;
+            inst.counters = pb::Counters::from_report(report);
+            inst.counters.bad_lines = bad;
+        } else if let Some(h) = self
+            .history
+            .iter_mut()
+            .find(|h| h.index == index && h.incarnation == incarnation)
+        {
+            // The final line of a stopped instance arrives after it left the desired set.
+            let bad = h.counters.as_ref().map(|c| c.bad_lines).unwrap_or(0);
+            let mut c = pb::Counters::from_report(report);
+            c.bad_lines = bad;
+            h.counters = Some(c);
+        }
+    }
+
+    fn exited(&mut self, index: u32, incarnation: u64, code: Option<i32>, detail: String) {
+        let run_id = self.run_id.clone();
+        let Some(inst) = self
+            .instances
+            .get_mut(&index)
+            .filter(|i| i.incarnation == incarnation)
+        else {
+            self.stopping
+                .retain(|_, st| (st.index, st.incarnation) != (index, incarnation));
+            self.stopped(index, incarnation, code == Some(0));
+            return;
+        };
+        inst.pid = None;
+        if code == Some(0) {
+            tracing::info!(instance = index, "simulator finished");
+            inst.phase = Phase::Exited;
+            inst.end = End::Finished;
+            self.history.push(status_of(&run_id, index, inst));
+            return;
+        }
+        // A killed simulator's last metric line is up to a report interval old; its tally
+        // file has the exact totals.
+        let key = TallyKey {
+            run_id: run_id.clone(),
+            index,
+            incarnation,
+            first_vehicle: inst.spec.first_vehicle,
+            vehicles: inst.spec.vehicles,
+        };
+        if let Some(t) = read_tally_file(&key.path(&self.cfg.log_dir, &self.cfg.agent)) {
+            apply_tally(&mut inst.counters, &t);
+        }
+        if code == Some(EXIT_LEASE_LOST) {
+            // Its keep-alive from this agent ran late (the agent starved or frozen): not a
+            // crash. It comes back once the agent's lease holds; if that lapsed too, the
+            // lease expiry stops the instance and the next assignment restarts it.
+            tracing::warn!(
+                instance = index,
+                "simulator stopped itself: its keep-alive from this agent ran out; starting it again"
+            );
+            inst.end = End::Lease;
+            inst.phase = Phase::Exited;
+            inst.last_error = "stopped itself: no keep-alive from its agent in time".into();
+            self.history.push(status_of(&run_id, index, inst));
+            inst.phase = Phase::Starting;
+            inst.next_start = Instant::now() + AFTER_SIM_LEASE;
+            return;
+        }
+        tracing::warn!(instance = index, %detail, "simulator exited abnormally");
+        inst.last_error = format!("exited: {detail}");
+        inst.end = End::Crashed;
+        crashed(inst, Instant::now());
+        let mut ended = status_of(&run_id, index, inst);
+        if inst.phase != Phase::Failed {
+            ended.phase = Phase::Exited as i32;
+        }
+        self.history.push(ended);
     }
 
     /// A process told to stop has exited: its counts are final. One that did not end
@@ -605,6 +602,20 @@ impl Supervisor {
                 apply_tally(h.counters.get_or_insert_with(Default::default), &t);
             }
         }
+    }
+
+    /// Publishes the statuses, the processes' CPU and memory, for heartbeats and `/metrics`.
+    fn publish(&mut self, meters: &mut (CpuMeter, CpuMeter), now: Instant) {
+        self.changed = false;
+        let pids = self.pids();
+        let snapshot = Snapshot {
+            instances: self.statuses(),
+            rss_bytes: pids.iter().map(|p| rss_of(*p)).sum(),
+            simulators_cpu_percent: meters.0.measure(pids.into_iter(), now),
+            agent_cpu_percent: meters.1.measure(std::iter::once(std::process::id()), now),
+            starts_deferred: self.deferred,
+        };
+        self.links.snapshot.send_replace(Arc::new(snapshot));
     }
 
     fn statuses(&self) -> Vec<pb::InstanceStatus> {
@@ -639,6 +650,7 @@ impl Supervisor {
                     incarnation: key.incarnation,
                     counters: Some(counters),
                     last_error: "counts recovered after the agent restarted".into(),
+                    end: End::None as i32,
                 });
             }
         }
@@ -683,22 +695,9 @@ impl Supervisor {
             .collect()
     }
 
-    fn rss_bytes(&self) -> u64 {
-        self.instances
-            .values()
-            .filter_map(|i| i.pid)
-            .map(rss_of)
-            .sum()
-    }
-
     async fn shutdown(&mut self, events: &mut mpsc::UnboundedReceiver<Event>) {
-        let pids: Vec<u32> = self
-            .instances
-            .values()
-            .filter_map(|i| i.pid)
-            .chain(self.stopping.keys().copied())
-            .collect();
-        self.stop_all("agent shutting down");
+        let pids = self.pids();
+        self.stop_all(End::Shutdown, "agent shutting down");
         let deadline = Instant::now() + self.stop_grace();
         let mut left = pids.len();
         while left > 0 && Instant::now() < deadline {
@@ -714,77 +713,89 @@ impl Supervisor {
     }
 }
 
-/// The simulator's command line for one instance of a run, at Unix time `now`; None when the
-/// run's duration is already over (a restart late in a run has nothing left to drive).
-fn sim_args(
-    spec: &pb::RunSpec,
-    inst: &pb::InstanceSpec,
-    agent: &str,
-    now: f64,
-    lease: Duration,
-) -> Option<SimArgs> {
-    let duration = if spec.duration_s > 0.0 {
-        // A restarted instance ends with the run, not a full duration after its restart.
-        let remaining = spec.run_start + spec.duration_s - now.max(spec.run_start);
-        if remaining <= 0.05 {
-            return None;
+/// The simulator's process: its flags, its log, and a lower CPU priority than the agent.
+fn command(cfg: &Config, idx: u32, sim: &vtox::sim_args::SimArgs) -> tokio::process::Command {
+    let log_path = cfg.log_dir.join(format!("instance-{idx}.log"));
+    let stderr = match std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+    {
+        Ok(f) => Stdio::from(f),
+        Err(e) => {
+            tracing::warn!(path = %log_path.display(), "cannot open the instance log ({e}); its stderr is discarded");
+            Stdio::null()
         }
-        Some(Duration::from_secs_f64((remaining * 1e3).round() / 1e3))
-    } else {
-        None
     };
-    let secs = |s: f64| Duration::from_secs_f64(s.clamp(0.0, 1e9));
-    let defaults =
-        SimArgs::try_parse_from(["vtox-sim", "--vehicles", "1", "--target", "-"]).ok()?;
-    let access = spec.access.clone().unwrap_or_default();
-    let file = |p: &str| (!p.is_empty()).then(|| std::path::PathBuf::from(p));
-    let text = |t: &str| (!t.is_empty()).then(|| t.to_string());
-    Some(SimArgs {
-        target_ca: file(&access.target_ca_file),
-        target_insecure: access.target_insecure,
-        auth_token_file: file(&access.auth_token_file),
-        vehicle_tokens: file(&access.vehicle_tokens_file),
-        login: text(&access.login_url),
-        login_user: text(&access.login_user),
-        login_password_file: file(&access.login_password_file),
-        idle_timeout: if access.idle_timeout_s > 0.0 {
-            secs(access.idle_timeout_s)
-        } else {
-            defaults.idle_timeout
-        },
-        vehicles: inst.vehicles,
-        first_vehicle: inst.first_vehicle,
-        target: spec.target.clone(),
-        instance: inst.index,
-        agent: Some(agent.to_string()),
-        interval: secs(spec.interval_s),
-        jitter: spec.jitter,
-        batch_size: spec.batch_size as usize,
-        sampling_rate: spec.sampling_rate,
-        faults: spec.faults.clone(),
-        fault_onset: spec.fault_onset_s.map_or(defaults.fault_onset, secs),
-        seed: spec.seed,
-        duration,
-        timeout: secs(spec.timeout_s),
-        max_in_flight: spec.max_in_flight as usize,
-        id_template: if spec.id_template.is_empty() {
-            defaults.id_template.clone()
-        } else {
-            spec.id_template.clone()
-        },
-        run_start: Some(spec.run_start),
-        delivery: vtox::delivery::Delivery::parse(&spec.delivery).unwrap_or(defaults.delivery),
-        buffer: if spec.buffer > 0 {
-            spec.buffer as usize
-        } else {
-            defaults.buffer
-        },
-        dropouts: text(&spec.dropouts),
-        // Half the agent's lease: an orphaned simulator stops well before the coordinator may
-        // hand its vehicles to another host (after the agent's lease plus a grace period).
-        lease: Some(lease / 2),
-        ..defaults
-    })
+    let mut cmd = tokio::process::Command::new(&cfg.sim_bin);
+    cmd.args(sim.to_args())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .kill_on_drop(true);
+    let nice = cfg.nice;
+    if nice > 0 {
+        // SAFETY: setpriority is async-signal-safe and touches no memory of the parent; it
+        // runs in the child between fork and exec, before any of its threads exist, so
+        // every thread of the simulator inherits it.
+        unsafe {
+            cmd.pre_exec(move || {
+                libc::setpriority(libc::PRIO_PROCESS, 0, nice);
+                Ok(())
+            });
+        }
+    }
+    cmd
+}
+
+/// Follows a started simulator: its metric lines and its exit become events; its stdin goes
+/// to the control thread's keep-alive.
+fn watch_child(
+    mut child: tokio::process::Child,
+    index: u32,
+    incarnation: u64,
+    tx: mpsc::UnboundedSender<Event>,
+    keep_alive: &KeepAlive,
+) {
+    let pid = child.id();
+    match (child.stdin.take().map(|s| s.into_owned_fd()), pid) {
+        (Some(Ok(fd)), Some(pid)) => keep_alive.add(pid, std::fs::File::from(fd)),
+        (Some(Err(e)), _) => {
+            tracing::warn!(
+                instance = index,
+                "cannot keep the simulator alive ({e}); it will stop itself within its lease"
+            )
+        }
+        _ => {}
+    }
+    let stdout = child.stdout.take();
+    tokio::spawn(async move {
+        if let Some(out) = stdout {
+            let mut lines = BufReader::new(out).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let ev = match SimReport::parse_line(&line) {
+                    Ok(report) => Event::Line {
+                        index,
+                        incarnation,
+                        report: Box::new(report),
+                    },
+                    Err(_) => Event::BadLine { index, incarnation },
+                };
+                let _ = tx.send(ev);
+            }
+        }
+        let (code, detail) = match child.wait().await {
+            Ok(st) => (st.code(), st.to_string()),
+            Err(e) => (None, e.to_string()),
+        };
+        let _ = tx.send(Event::Exited {
+            index,
+            incarnation,
+            pid,
+            code,
+            detail,
+        });
+    });
 }
 
 /// Schedules a restart with backoff, or marks the instance failed when it crash-loops.
@@ -806,30 +817,6 @@ fn crashed(inst: &mut Instance, now: Instant) {
     }
 }
 
-/// When to restart after the crashes so far (the latest at `now`), or None when the instance
-/// crash-loops. Forgets crashes older than `BACKOFF_MEMORY`.
-fn restart_after(crashes: &mut VecDeque<Instant>, now: Instant) -> Option<Duration> {
-    while crashes
-        .front()
-        .is_some_and(|t| now.duration_since(*t) > BACKOFF_MEMORY)
-    {
-        crashes.pop_front();
-    }
-    let recent = crashes
-        .iter()
-        .filter(|t| now.duration_since(**t) <= CRASH_WINDOW)
-        .count();
-    if recent > RESTART_LIMIT {
-        return None;
-    }
-    let doublings = crashes.len().saturating_sub(1).min(5) as u32;
-    Some(
-        BACKOFF_FIRST
-            .saturating_mul(1 << doublings)
-            .min(BACKOFF_MAX),
-    )
-}
-
 fn status_of(run_id: &str, idx: u32, inst: &Instance) -> pb::InstanceStatus {
     pb::InstanceStatus {
         run_id: run_id.to_string(),
@@ -841,259 +828,6 @@ fn status_of(run_id: &str, idx: u32, inst: &Instance) -> pb::InstanceStatus {
         incarnation: inst.incarnation,
         counters: Some(inst.counters.clone()),
         last_error: inst.last_error.clone(),
-    }
-}
-
-/// Names the tally of one incarnation by everything a restarted agent needs to report it.
-#[derive(Debug, Clone, PartialEq)]
-struct TallyKey {
-    run_id: String,
-    index: u32,
-    incarnation: u64,
-    first_vehicle: u64,
-    vehicles: u64,
-}
-
-impl TallyKey {
-    /// One directory per agent: agents on one host may share a log directory.
-    fn dir(log_dir: &std::path::Path, agent: &str) -> PathBuf {
-        let safe: String = agent
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
-        log_dir.join("tallies").join(safe)
-    }
-
-    fn path(&self, log_dir: &std::path::Path, agent: &str) -> PathBuf {
-        Self::dir(log_dir, agent).join(format!(
-            "{}.{}.{}.{}.{}.tally",
-            self.run_id, self.index, self.incarnation, self.first_vehicle, self.vehicles
-        ))
-    }
-
-    fn parse(name: &str) -> Option<TallyKey> {
-        let mut parts = name.strip_suffix(".tally")?.rsplitn(5, '.');
-        let vehicles = parts.next()?.parse().ok()?;
-        let first_vehicle = parts.next()?.parse().ok()?;
-        let incarnation = parts.next()?.parse().ok()?;
-        let index = parts.next()?.parse().ok()?;
-        let run_id = parts.next().filter(|r| !r.is_empty())?.to_string();
-        Some(TallyKey {
-            run_id,
-            index,
-            incarnation,
-            first_vehicle,
-            vehicles,
-        })
-    }
-}
-
-fn read_tally_file(path: &std::path::Path) -> Option<[u64; vtox::metrics::TALLY_SLOTS]> {
-    std::fs::read(path)
-        .ok()
-        .and_then(|b| vtox::metrics::read_tally(&b))
-}
-
-/// Raises the counters to a tally's totals (never lowers them: the tally may be from an
-/// incarnation that never got going).
-fn apply_tally(c: &mut pb::Counters, t: &[u64; vtox::metrics::TALLY_SLOTS]) {
-    use vtox::metrics::*;
-    if t[TALLY_SENT] < c.sent {
-        return;
-    }
-    c.sent = t[TALLY_SENT];
-    c.accepted = c.accepted.max(t[TALLY_ACCEPTED]);
-    c.failed = c.failed.max(t[TALLY_FAILED]);
-    c.dropped = c.dropped.max(t[TALLY_DROPPED]);
-    c.bytes = c.bytes.max(t[TALLY_BYTES]);
-    c.timeouts = c.timeouts.max(t[TALLY_TIMEOUT]);
-    c.late_accepted = c.late_accepted.max(t[TALLY_LATE]);
-    c.timeouts_unsent = c.timeouts_unsent.max(t[TALLY_UNSENT]);
-    c.connect_errors = c.connect_errors.max(t[TALLY_CONNECT]);
-    c.produced = c.produced.max(t[TALLY_PRODUCED]);
-    c.retried = c.retried.max(t[TALLY_RETRIED]);
-    c.buffer_dropped = c.buffer_dropped.max(t[TALLY_BUFFER_DROPPED]);
-    c.delivered_late = c.delivered_late.max(t[TALLY_DELIVERED_LATE]);
-    c.resent_after_timeout = c.resent_after_timeout.max(t[TALLY_RESENT]);
-    c.discarded = c.discarded.max(t[TALLY_DISCARDED]);
-    c.offline_ticks = c.offline_ticks.max(t[TALLY_OFFLINE_TICKS]);
-}
-
-fn rss_of(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/statm"))
-        .ok()
-        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .map(|pages| pages * 4096)
-        .unwrap_or(0)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_simulator_gets_the_run_spec_and_the_rest_of_the_run() {
-        let spec = pb::RunSpec {
-            target: "https://vtox:8443/x".into(),
-            interval_s: 1.2,
-            jitter: 0.1,
-            batch_size: 10,
-            sampling_rate: 50,
-            faults: "bearing=3".into(),
-            seed: 9,
-            run_start: 1000.0,
-            timeout_s: 5.0,
-            max_in_flight: 64,
-            duration_s: 60.0,
-            fault_onset_s: Some(0.0),
-            access: Some(pb::TargetAccess {
-                target_ca_file: "/etc/vtox/backend-ca.pem".into(),
-                login_url: "https://vtox:8443".into(),
-                login_user: "fleet".into(),
-                login_password_file: "/etc/vtox/password".into(),
-                ..Default::default()
-            }),
-            delivery: "at-most-once".into(),
-            buffer: 20,
-            dropouts: "5%/90s".into(),
-            ..Default::default()
-        };
-        let inst = pb::InstanceSpec {
-            index: 2,
-            first_vehicle: 100,
-            vehicles: 50,
-        };
-        let a = sim_args(&spec, &inst, "host-a", 1030.0, Duration::from_secs(5)).unwrap();
-        assert_eq!((a.vehicles, a.first_vehicle, a.instance), (50, 100, 2));
-        assert_eq!(
-            a.duration,
-            Some(Duration::from_secs(30)),
-            "the rest of the run"
-        );
-        assert_eq!(a.fault_onset, Duration::ZERO);
-        assert_eq!(a.lease, Some(Duration::from_millis(2500)));
-        assert_eq!(a.run_start, Some(1000.0));
-        assert_eq!(a.target_ca, Some("/etc/vtox/backend-ca.pem".into()));
-        assert_eq!(a.login_user.as_deref(), Some("fleet"));
-        assert_eq!(a.auth_token_file, None);
-        assert_eq!(a.delivery, vtox::delivery::Delivery::AtMostOnce);
-        assert_eq!((a.buffer, a.dropouts.as_deref()), (20, Some("5%/90s")));
-        // What the agent passes is what the simulator parses.
-        let back =
-            SimArgs::try_parse_from(std::iter::once("vtox-sim".to_string()).chain(a.to_args()))
-                .unwrap();
-        assert_eq!(back, a);
-        assert!(sim_args(&spec, &inst, "host-a", 1060.0, Duration::from_secs(5)).is_none());
-        // Without a duration or an onset the simulator's own defaults hold.
-        let open = pb::RunSpec {
-            duration_s: 0.0,
-            fault_onset_s: None,
-            ..spec
-        };
-        let a = sim_args(&open, &inst, "host-a", 1030.0, Duration::from_secs(5)).unwrap();
-        assert_eq!(a.duration, None);
-        assert_eq!(a.fault_onset, Duration::from_secs(300));
-        // Nor with an older coordinator that sends no delivery settings.
-        let old = pb::RunSpec {
-            delivery: String::new(),
-            buffer: 0,
-            dropouts: String::new(),
-            ..open
-        };
-        let a = sim_args(&old, &inst, "host-a", 1030.0, Duration::from_secs(5)).unwrap();
-        assert_eq!(a.delivery, vtox::delivery::Delivery::StoreAndForward);
-        assert_eq!((a.buffer, a.dropouts), (600, None));
-    }
-
-    #[test]
-    fn tally_names_round_trip() {
-        let k = TallyKey {
-            run_id: "run-1795888545320".into(),
-            index: 3,
-            incarnation: 1_795_888_545_999,
-            first_vehicle: 150,
-            vehicles: 50,
-        };
-        let p = k.path(std::path::Path::new("/logs"), "host a/1");
-        assert_eq!(
-            p,
-            PathBuf::from("/logs/tallies/host_a_1/run-1795888545320.3.1795888545999.150.50.tally")
-        );
-        let name = p.file_name().and_then(|n| n.to_str()).unwrap();
-        assert_eq!(TallyKey::parse(name), Some(k));
-        assert_eq!(TallyKey::parse("instance-0.tally"), None);
-        assert_eq!(TallyKey::parse(".1.2.3.4.tally"), None);
-    }
-
-    #[test]
-    fn backoff_doubles_to_30_s_gives_up_on_a_crash_loop_and_forgets() {
-        let t0 = Instant::now();
-        let secs = |s: u64| t0 + Duration::from_secs(s);
-        let mut crashes = VecDeque::new();
-        // Crashing at once after each restart: 1, 2, 4, 8, 16 s, then the sixth crash within
-        // a minute (at 31 s) is a crash loop.
-        let mut at = 0;
-        let mut waits = Vec::new();
-        loop {
-            crashes.push_back(secs(at));
-            match restart_after(&mut crashes, secs(at)) {
-                Some(d) => {
-                    waits.push(d.as_secs());
-                    at += d.as_secs();
-                }
-                None => break,
-            }
-        }
-        assert_eq!(waits, [1, 2, 4, 8, 16]);
-        assert_eq!(at, 31);
-
-        // Crashing every 40 s never makes five restarts a minute: the wait grows to 30 s.
-        let mut crashes = VecDeque::new();
-        let waits: Vec<u64> = (0..8)
-            .map(|i| {
-                crashes.push_back(secs(i * 40));
-                restart_after(&mut crashes, secs(i * 40)).map_or(0, |d| d.as_secs())
-            })
-            .collect();
-        assert_eq!(waits, [1, 2, 4, 8, 16, 30, 30, 30]);
-
-        // Ten quiet minutes later the backoff starts over.
-        crashes.push_back(secs(7 * 40 + 601));
-        assert_eq!(
-            restart_after(&mut crashes, secs(7 * 40 + 601)),
-            Some(Duration::from_secs(1))
-        );
-    }
-
-    #[test]
-    fn a_tally_raises_counters_but_never_lowers_them() {
-        use vtox::metrics::*;
-        let mut t = [0u64; TALLY_SLOTS];
-        t[TALLY_SENT] = 10;
-        t[TALLY_ACCEPTED] = 9;
-        t[TALLY_FAILED] = 1;
-        t[TALLY_TIMEOUT] = 1;
-        t[TALLY_LATE] = 1;
-        let mut c = pb::Counters {
-            sent: 8,
-            accepted: 8,
-            ..Default::default()
-        };
-        apply_tally(&mut c, &t);
-        assert_eq!((c.sent, c.accepted, c.failed), (10, 9, 1));
-        assert_eq!((c.timeouts, c.late_accepted), (1, 1));
-        let mut newer = pb::Counters {
-            sent: 20,
-            accepted: 20,
-            ..Default::default()
-        };
-        apply_tally(&mut newer, &t);
-        assert_eq!((newer.sent, newer.accepted), (20, 20));
+        end: inst.end as i32,
     }
 }

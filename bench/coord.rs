@@ -182,8 +182,9 @@ async fn light_agent(
                         active_vehicles: x.vehicles, ..Default::default()
                     }),
                     last_error: String::new(),
+                    end: pb::End::None as i32,
                 }).collect();
-                let hb = pb::Heartbeat { epoch: assignment.epoch, instances, usage: Some(pb::HostUsage { cpu_percent: 20.0, rss_bytes: 50 << 20, ..Default::default() }) };
+                let hb = pb::Heartbeat { epoch: assignment.epoch, instances, usage: Some(pb::HostUsage { cpu_percent: 20.0, rss_bytes: 50 << 20, ..Default::default() }), lapsed: false };
                 if tx.send(pb::AgentMessage { msg: Some(agent_message::Msg::Heartbeat(hb)) }).await.is_err() {
                     return Ok(());
                 }
@@ -222,12 +223,13 @@ fn plan_ms(agents: u64) -> f64 {
         .map(|i| PlanAgent {
             name: format!("a{i}"),
             max_vehicles: 2000 + (i % 5) * 500,
+            per_process: 0,
         })
         .collect();
     let mut best = Duration::MAX;
     for _ in 0..5 {
         let t = Instant::now();
-        let p = plan(1_000_000, &plan_agents, 50, false);
+        let p = plan(1_000_000, &plan_agents, Some(50), false);
         best = best.min(t.elapsed());
         assert!(p.is_ok());
     }
@@ -334,7 +336,7 @@ fn main() {
         let vehicles = agents * 100;
         let start = control
             .start(pb::StartRequest {
-                params: Some(pb::PlanParams { vehicles, per_instance: 50, interval_s: 1.2, batch_size: 10, overcommit: false, first_vehicle: 0 }),
+                params: Some(pb::PlanParams { vehicles, per_instance: 50, interval_s: 1.2, batch_size: 10, overcommit: false, first_vehicle: 0, sink_on_host: false }),
                 spec: Some(pb::RunSpec { target: "http://127.0.0.1:9".into(), interval_s: 1.2, ..Default::default() }),
                 expect_agents: agents as u32,
             })

@@ -110,6 +110,7 @@ pub async fn serve(a: ServeArgs) -> Result<()> {
                     grpc_url: own_url(a.listen),
                     grpc_tls: SERVER_TLS.get().is_some_and(Option::is_some),
                     default_target: None,
+                    local_sink: false,
                     redis: a.redis.clone(),
                 },
             )
@@ -235,14 +236,17 @@ pub(crate) fn status_error(s: tonic::Status) -> anyhow::Error {
     }
 }
 
-pub(crate) fn params_of(n: u64, load: &LoadArgs) -> pb::PlanParams {
+/// A plan request for `n` vehicles at `load`; `sink_on_host` when the target is a vtox-sink
+/// on the agents' own host (`--local`), whose cost then counts against their cores.
+pub(crate) fn params_of(n: u64, load: &LoadArgs, sink_on_host: bool) -> pb::PlanParams {
     pb::PlanParams {
         vehicles: n,
         first_vehicle: 0,
-        per_instance: load.per_instance,
+        per_instance: load.per_instance.unwrap_or(0),
         interval_s: load.interval.as_secs_f64(),
         batch_size: load.batch_size,
         overcommit: load.overcommit,
+        sink_on_host,
     }
 }
 
@@ -279,7 +283,15 @@ async fn hosts_from(
             })
             .collect()
     } else {
-        let hw = tokio::task::spawn_blocking(|| vtox::hardware::detect("localhost", None)).await?;
+        eprintln!("measuring this machine (a simulator and a sink on loopback for 1.5 s)…");
+        let bins = std::env::current_exe()
+            .ok()
+            .map(|me| vtox::hardware::Binaries::beside(me.with_file_name("vtox-sim")))
+            .filter(|b| b.sim.is_file());
+        let hw = tokio::task::spawn_blocking(move || {
+            vtox::hardware::detect("localhost", None, bins.as_ref())
+        })
+        .await?;
         vec![Host {
             name: "localhost".into(),
             hardware: hw,
@@ -302,7 +314,7 @@ pub async fn plan(a: PlanArgs) -> Result<ExitCode> {
     let hosts = hosts_from(a.coord.as_deref(), a.hosts.as_deref(), a.max_vehicles).await?;
     let params = pb::PlanParams {
         first_vehicle: a.first_vehicle,
-        ..params_of(a.vehicles, &a.load)
+        ..params_of(a.vehicles, &a.load, a.local)
     };
     let (_, reply) = planning::plan_hosts(&hosts, &params).map_err(|e| anyhow!(e))?;
     if a.json {
@@ -315,7 +327,7 @@ pub async fn plan(a: PlanArgs) -> Result<ExitCode> {
 
 pub async fn capacity(a: CapacityArgs) -> Result<ExitCode> {
     let hosts = hosts_from(a.coord.as_deref(), a.hosts.as_deref(), None).await?;
-    let load = planning::load_params(&params_of(1, &a.load));
+    let load = planning::load_params(&params_of(1, &a.load, a.local));
     let rows: Vec<(Host, capacity::Estimate)> = hosts
         .into_iter()
         .map(|h| {
@@ -340,6 +352,15 @@ pub async fn capacity(a: CapacityArgs) -> Result<ExitCode> {
                     "max_vehicles": e.max_vehicles,
                     "recommended_vehicles": e.recommended_vehicles,
                     "limited_by": e.limited_by.to_string(),
+                    "per_process_vehicles": e.per_process_vehicles,
+                    "processes": e.processes,
+                    "calibration": h.hardware.calibration.as_ref().map(|c| json!({
+                        "method": c.method,
+                        "sim_us_per_msg": c.sim_us_per_msg,
+                        "process_cores": c.process_cores,
+                        "process_rss_bytes": c.process_rss_bytes,
+                        "sink_us_per_msg": c.sink_us_per_msg,
+                    })),
                     "reference": reference.map(|(m, r)| json!({"max_vehicles": m, "recommended_vehicles": r})),
                 })
             })
@@ -382,10 +403,50 @@ pub async fn capacity(a: CapacityArgs) -> Result<ExitCode> {
         );
     }
     println!(
-        "at one message every {:.1} s of {} samples; \"old tool\" is the Python tool's table for the same cores (max/recommended)",
-        load.interval_s, load.batch_size
+        "at one message every {:.1} s of {} samples{}; \"old tool\" is the Python tool's table for the same cores (max/recommended)",
+        load.interval_s,
+        load.batch_size,
+        if load.sink_on_host {
+            ", with the built-in sink on the same cores (--local)"
+        } else {
+            ""
+        }
     );
+    for (h, e) in &rows {
+        println!("{}: {}", h.name, calibration_words(&h.hardware, e));
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// What a host's estimate rests on, in words.
+fn calibration_words(hw: &pb::Hardware, e: &capacity::Estimate) -> String {
+    let per_process = format!(
+        "{} process{} of up to {} vehicles",
+        e.processes,
+        if e.processes == 1 { "" } else { "es" },
+        e.per_process_vehicles
+    );
+    match &hw.calibration {
+        Some(c) if c.method == "processes" => format!(
+            "measured with real processes: {:.1} µs of CPU a message, {:.2} % of a core per simulator process, {:.0} MiB each{}; at its maximum it runs {per_process}",
+            c.sim_us_per_msg,
+            c.process_cores * 100.0,
+            c.process_rss_bytes as f64 / (1u64 << 20) as f64,
+            if c.sink_us_per_msg > 0.0 {
+                format!(", vtox-sink {:.1} µs a message", c.sink_us_per_msg)
+            } else {
+                String::new()
+            }
+        ),
+        Some(c) => format!(
+            "payload code timed in-process ({:.1} µs a message with an assumed network share; no simulator binary to run); {per_process}",
+            c.sim_us_per_msg
+        ),
+        None => format!(
+            "not measured: {:.0} messages a second per core assumed; {per_process}",
+            capacity::DEFAULT_MSGS_PER_CORE
+        ),
+    }
 }
 
 pub async fn run(a: RunArgs) -> Result<ExitCode> {
@@ -412,7 +473,7 @@ async fn drive(
     let req = pb::StartRequest {
         params: Some(pb::PlanParams {
             first_vehicle: a.first_vehicle,
-            ..params_of(a.vehicles, &d.load)
+            ..d.params(a.vehicles)
         }),
         spec: Some(d.spec(target, a.duration)),
         expect_agents: d.expect_agents,
@@ -462,9 +523,10 @@ async fn drive(
         last = Some(drive::stop_and_settle(&mut client, &started.run_id).await?);
     } else if last
         .as_ref()
-        .is_some_and(|s| s.state() == pb::RunState::Stopped)
+        .is_some_and(|s| matches!(s.state(), pb::RunState::Stopped | pb::RunState::Failed))
     {
-        // Stopped from elsewhere (`vtox-coord stop`): the last counts are still on their way.
+        // Stopped from elsewhere (`vtox-coord stop`), or failed: the last counts are still on
+        // their way.
         last = Some(drive::settled(&mut client, &started.run_id).await?);
     }
     let status = last.ok_or_else(|| anyhow!("no status received"))?;
@@ -491,9 +553,20 @@ async fn drive(
     } else {
         print!("{text}");
     }
+    if status.state() == pb::RunState::Failed {
+        eprintln!("error: the run failed: {}", status.failure);
+        return Ok(ExitCode::FAILURE);
+    }
     if totals.sent == 0 {
         eprintln!("error: no message was sent");
         return Ok(ExitCode::FAILURE);
+    }
+    let generator = crate::render::generator_verdict(&status);
+    if !generator.healthy {
+        eprintln!(
+            "warning: the generator could not keep up ({}); the numbers above measure vtox's hosts, not the backend",
+            generator.reasons.join("; ")
+        );
     }
     if success < d.min_success {
         eprintln!(

@@ -4,6 +4,8 @@
 //! the assignments a decision returns and writes the bytes it hands out. So each rule of
 //! leases, handoffs and epochs is a unit test on a fake clock (see the tests below).
 
+mod driven;
+
 use crate::planning;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -75,6 +77,8 @@ pub struct AgentEntry {
     pub usage: pb::HostUsage,
     /// Epoch of the assignment the agent says it runs.
     pub epoch_seen: u64,
+    /// The agent said it stopped everything on a lease expiry and waits for a newer epoch.
+    pub lapsed: bool,
 }
 
 impl AgentEntry {
@@ -107,6 +111,8 @@ pub struct Run {
     /// Instances between two agents: taken from the old one, given to the new one once the
     /// old one has had time to stop them (see `HANDOFF`).
     pub parked: Vec<Parked>,
+    /// Why the run failed (state Failed).
+    pub failure: String,
 }
 
 pub struct Parked {
@@ -168,6 +174,9 @@ pub struct Control {
     born: Instant,
     /// Joins in the current second: (second since `born`, count).
     joins: (u64, u32),
+    /// When each instance of the run (by index) was last reported running, or the run
+    /// started: how long its vehicles have gone undriven.
+    driven: HashMap<u32, Instant>,
 }
 
 impl Control {
@@ -188,6 +197,7 @@ impl Control {
             last_write: None,
             born: now.mono,
             joins: (0, 0),
+            driven: HashMap::new(),
         }
     }
 
@@ -249,6 +259,7 @@ impl Control {
                 last_seen: now.mono,
                 usage: pb::HostUsage::default(),
                 epoch_seen: 0,
+                lapsed: false,
             },
         );
         self.version += 1;
@@ -287,6 +298,7 @@ impl Control {
     pub fn heartbeat(&mut self, name: &str, hb: pb::Heartbeat, now: Now) -> Commands {
         let lease = self.limits.lease;
         let mut resumed = false;
+        let mut lapsed = false;
         if let Some(agent) = self.agents.get_mut(name) {
             // Back from a silence longer than its lease (e.g. it was frozen): it has stopped
             // everything and refuses its queued, older assignments; it waits for a newer epoch.
@@ -294,6 +306,11 @@ impl Control {
             agent.last_seen = now.mono;
             agent.epoch_seen = hb.epoch;
             agent.usage = hb.usage.unwrap_or_default();
+            agent.lapsed = hb.lapsed;
+            // It stopped everything on its own lease expiry (it was starved, or cut off one
+            // way) and trusts only an epoch newer than the one it holds: issue one, or it
+            // would wait for ever while every assignment it hears repeats the old one.
+            lapsed = hb.lapsed && hb.epoch >= self.epoch;
         }
         if let Some(run) = self.run.as_mut() {
             for p in &mut run.parked {
@@ -302,16 +319,35 @@ impl Control {
                 }
             }
         }
-        self.record(name, hb.instances);
-        if resumed {
-            tracing::warn!(
-                agent = name,
-                "agent is back after a silence longer than its lease"
-            );
+        self.record(name, hb.instances, now);
+        if resumed || lapsed {
+            if lapsed {
+                tracing::warn!(
+                    agent = name,
+                    "agent stopped its instances on a lease expiry; confirming its assignment with a newer epoch"
+                );
+            } else {
+                tracing::warn!(
+                    agent = name,
+                    "agent is back after a silence longer than its lease"
+                );
+            }
             self.bump_epoch(now);
             return RECONCILE;
         }
         NOTHING
+    }
+
+    /// This coordinator's own loop ran `lag` late (it was starved of CPU): its agents' silence
+    /// over that time is its own, and is not held against them when judging who is lost.
+    pub fn stalled(&mut self, lag: Duration, now: Now) {
+        tracing::warn!(
+            ?lag,
+            "the coordinator's own loop ran late; not counting that time against its agents' leases"
+        );
+        for a in self.agents.values_mut() {
+            a.last_seen = (a.last_seen + lag).min(now.mono);
+        }
     }
 
     /// The session `session` of `name` ended (its stream closed or its queue did).
@@ -449,9 +485,11 @@ impl Control {
             state: pb::RunState::Running,
             ended: None,
             parked: Vec::new(),
+            failure: String::new(),
         });
         self.incarnations.clear();
         self.reported.clear();
+        self.reset_driven(now);
         self.bump_epoch(now);
         Ok((
             pb::StartReply {
@@ -758,6 +796,7 @@ impl Control {
                 started_unix: r.started,
                 ended_unix: r.ended.unwrap_or(0.0),
                 vehicles: r.plan.vehicles,
+                failure: r.failure.clone(),
             }),
         }
     }
@@ -785,6 +824,7 @@ impl Control {
             started: r.started_unix,
             ended: (r.ended_unix > 0.0).then_some(r.ended_unix),
             parked: Vec::new(),
+            failure: r.failure,
         });
         let incarnations = stored
             .incarnations
@@ -802,12 +842,29 @@ impl Control {
         c.epoch = (stored.epoch + 1).max(now.unix_ms);
         c.run = run;
         c.incarnations = incarnations;
+        // A restarted coordinator gives every instance a fresh start on the undriven clock.
+        c.reset_driven(now);
         c
+    }
+
+    fn reset_driven(&mut self, now: Now) {
+        self.driven.clear();
+        if let Some(run) = &self.run {
+            for a in &run.plan.agents {
+                for i in &a.instances {
+                    self.driven.insert(i.index, now.mono);
+                }
+            }
+        }
     }
 
     /// A run with a duration is finished once every planned instance reported that it exited,
     /// or well after its end (an agent that vanished cannot hold the run open).
     fn update_run_state(&mut self, now: Now) {
+        if self.fail_if_undriven(now) {
+            self.bump_epoch(now);
+            return;
+        }
         let Some(run) = &self.run else { return };
         if run.state != pb::RunState::Running || run.spec.duration_s <= 0.0 {
             return;
@@ -835,7 +892,7 @@ impl Control {
         }
     }
 
-    fn record(&mut self, agent: &str, instances: Vec<pb::InstanceStatus>) {
+    fn record(&mut self, agent: &str, instances: Vec<pb::InstanceStatus>, now: Now) {
         let Some(run_id) = self.run.as_ref().map(|r| r.id.as_str()) else {
             return;
         };
@@ -843,6 +900,9 @@ impl Control {
         for status in instances {
             if status.run_id != run_id {
                 continue;
+            }
+            if status.phase == pb::Phase::Running as i32 {
+                self.driven.insert(status.index, now.mono);
             }
             let key = (agent.to_string(), status.index, status.incarnation);
             // A report like the last one (an exited instance, heartbeat after heartbeat)
@@ -949,6 +1009,8 @@ impl Control {
             }
         }
         let end = run.ended.unwrap_or(now.unix_s());
+        let undriven = self.undriven(now);
+        let per_agent = driven::per_agent(&undriven, now.mono);
         Some(RunHead {
             run_id: run.id.clone(),
             state: run.state,
@@ -956,6 +1018,10 @@ impl Control {
             elapsed_s: (end - run.started).max(0.0),
             spec: run.spec.clone(),
             unassigned,
+            failure: run.failure.clone(),
+            vehicles_not_driven: undriven.iter().map(|u| u.vehicles).sum(),
+            not_driven_s: per_agent.values().map(|a| a.longest_s).fold(0.0, f64::max),
+            undriven: per_agent,
         })
     }
 
@@ -1005,6 +1071,26 @@ impl StateToWrite {
     }
 }
 
+impl RunHead {
+    /// Puts these fields, made now, over a status's (its counters may be a render old).
+    fn overlay(self, s: &mut pb::RunStatus) {
+        s.state = self.state.into();
+        s.vehicles = self.vehicles;
+        s.elapsed_s = self.elapsed_s;
+        s.spec = Some(self.spec);
+        s.unassigned_vehicles = self.unassigned;
+        s.failure = self.failure;
+        s.vehicles_not_driven = self.vehicles_not_driven;
+        s.not_driven_s = self.not_driven_s;
+        for a in &mut s.agents {
+            let u = self.undriven.get(&a.agent).cloned().unwrap_or_default();
+            a.vehicles_not_driven = u.vehicles;
+            a.not_driven_s = u.longest_s;
+            a.not_driven_cause = u.cause;
+        }
+    }
+}
+
 pub struct RunHead {
     run_id: String,
     state: pb::RunState,
@@ -1012,6 +1098,10 @@ pub struct RunHead {
     elapsed_s: f64,
     spec: pb::RunSpec,
     unassigned: u64,
+    failure: String,
+    vehicles_not_driven: u64,
+    not_driven_s: f64,
+    undriven: HashMap<String, driven::AgentUndriven>,
 }
 
 struct AgentSnapshot {
@@ -1081,11 +1171,7 @@ impl Rendered {
             self.fill_histograms(&mut s);
         }
         if let Some(h) = head {
-            s.state = h.state.into();
-            s.vehicles = h.vehicles;
-            s.elapsed_s = h.elapsed_s;
-            s.spec = Some(h.spec);
-            s.unassigned_vehicles = h.unassigned;
+            h.overlay(&mut s);
         }
         Some(s)
     }
@@ -1187,8 +1273,11 @@ impl StatusSnapshot {
                 instances_running: running,
                 instances_planned: a.instances_planned,
                 totals: Some(agent_totals),
+                supervision: Some(supervision(&a.reports, a.usage.as_ref())),
                 usage: a.usage,
                 instances: current.into_values().map(strip_histogram).collect(),
+                // The undriven fields are the run head's, made at answer time.
+                ..Default::default()
             });
         }
         // The fleet totals carry whole histograms (their percentiles are read from them).
@@ -1202,19 +1291,47 @@ impl StatusSnapshot {
             totals.late_age_hdr = late_age.to_bytes();
         }
         Rendered {
-            status: pb::RunStatus {
-                run_id: head.run_id,
-                state: head.state.into(),
-                vehicles: head.vehicles,
-                elapsed_s: head.elapsed_s,
-                spec: Some(head.spec),
-                agents,
-                totals: Some(totals),
-                unassigned_vehicles: head.unassigned,
+            status: {
+                let mut status = pb::RunStatus {
+                    run_id: head.run_id.clone(),
+                    supervision: Some(vtox::supervision::sum(
+                        agents.iter().filter_map(|a| a.supervision.as_ref()),
+                    )),
+                    agents,
+                    totals: Some(totals),
+                    ..Default::default()
+                };
+                head.overlay(&mut status);
+                status
             },
             agent_histograms: histograms,
         }
     }
+}
+
+/// How an agent's processes fared, from its incarnations: each one is a process started, and
+/// says why it ended. A restart is a start beyond an instance's first.
+fn supervision(
+    reports: &[Arc<pb::InstanceStatus>],
+    usage: Option<&pb::HostUsage>,
+) -> pb::Supervision {
+    let mut s = pb::Supervision {
+        lease_expiries: usage.map_or(0, |u| u.lease_expiries),
+        ..Default::default()
+    };
+    let mut started = std::collections::BTreeSet::new();
+    for r in reports.iter().filter(|r| r.incarnation != 0) {
+        s.processes_started += 1;
+        started.insert(r.index);
+        match pb::End::try_from(r.end).unwrap_or(pb::End::None) {
+            pb::End::Crashed => s.crashes += 1,
+            pb::End::Lease => s.lease_stops += 1,
+            pb::End::Shed => s.shed += 1,
+            _ => {}
+        }
+    }
+    s.restarts = s.processes_started - started.len() as u64;
+    s
 }
 
 /// Instance lists travel without their histograms: the agent totals carry the merged one.
@@ -1262,6 +1379,7 @@ fn strip_histogram(s: &pb::InstanceStatus) -> pb::InstanceStatus {
             late_age_hdr: Vec::new(),
         }),
         last_error: s.last_error.clone(),
+        end: s.end,
     }
 }
 
@@ -1345,6 +1463,7 @@ mod tests {
                 batch_size: 10,
                 overcommit: false,
                 first_vehicle: 0,
+                sink_on_host: false,
             }),
             spec: Some(pb::RunSpec::default()),
             expect_agents: 0,
@@ -1487,6 +1606,7 @@ mod tests {
         let run_id = c.run().unwrap().id.clone();
         let hb = pb::Heartbeat {
             epoch: c.epoch(),
+            lapsed: false,
             instances: vec![pb::InstanceStatus {
                 run_id: run_id.clone(),
                 index: 0,
@@ -1696,6 +1816,222 @@ mod tests {
         let _ = c.heartbeat("a", hb, now);
         let _ = c.tick(now);
         assert_eq!(c.status(now).state(), pb::RunState::Finished);
+    }
+
+    fn statuses(c: &Control, list: &[(u32, u64, pb::Phase, pb::End)]) -> Vec<pb::InstanceStatus> {
+        let run_id = c.run().unwrap().id.clone();
+        list.iter()
+            .map(|&(index, incarnation, phase, end)| pb::InstanceStatus {
+                run_id: run_id.clone(),
+                index,
+                incarnation,
+                phase: phase as i32,
+                end: end as i32,
+                vehicles: 50,
+                ..Default::default()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_agent_that_stopped_on_its_own_lease_expiry_gets_a_newer_epoch_at_once() {
+        let clock = Clock::new();
+        let mut c = Control::new(limits(), clock.now());
+        connect(&mut c, "a", 300, clock.now());
+        start(&mut c, 100, clock.now());
+        let _ = c.tick(clock.now());
+        let held = c.epoch();
+        // Its heartbeats never stopped (the coordinator saw no silence), but it lapsed.
+        let hb = pb::Heartbeat {
+            epoch: held,
+            lapsed: true,
+            ..Default::default()
+        };
+        assert_eq!(c.heartbeat("a", hb.clone(), clock.now()), RECONCILE);
+        assert!(c.epoch() > held, "a newer epoch, or it waits for ever");
+        let sends = c.tick(clock.now());
+        assert!(sends.iter().all(|s| s.assignment.epoch > held));
+        assert_eq!(sends[0].assignment.instances.len(), 2, "with its instances");
+        // A lapsed heartbeat sent before it heard the newer epoch asks for nothing more.
+        let newer = c.epoch();
+        assert_eq!(c.heartbeat("a", hb, clock.now()), NOTHING);
+        assert_eq!(c.epoch(), newer);
+    }
+
+    #[test]
+    fn undriven_vehicles_are_shown_with_their_cause_and_fail_the_run_after_the_limit() {
+        let mut clock = Clock::new();
+        let mut c = Control::new(limits(), clock.now());
+        connect(&mut c, "a", 300, clock.now());
+        let req = pb::StartRequest {
+            params: Some(pb::PlanParams {
+                vehicles: 100,
+                per_instance: 50,
+                ..Default::default()
+            }),
+            spec: Some(pb::RunSpec {
+                max_not_driven_s: 30.0,
+                ..Default::default()
+            }),
+            expect_agents: 1,
+        };
+        let _ = c.start(req, clock.now()).unwrap();
+        let now = clock.advance(Duration::from_secs(1));
+        let running = statuses(
+            &c,
+            &[
+                (0, 1, pb::Phase::Running, pb::End::None),
+                (1, 2, pb::Phase::Running, pb::End::None),
+            ],
+        );
+        let _ = c.heartbeat(
+            "a",
+            pb::Heartbeat {
+                epoch: c.epoch(),
+                instances: running,
+                ..Default::default()
+            },
+            now,
+        );
+        let s = c.status(now);
+        assert_eq!(
+            (s.vehicles_not_driven, s.state()),
+            (0, pb::RunState::Running)
+        );
+        // Both stopped on a lease expiry of the agent, which waits for a newer epoch that
+        // (in this test) never comes.
+        let now = clock.advance(Duration::from_secs(1));
+        let stopped = statuses(
+            &c,
+            &[
+                (0, 1, pb::Phase::Exited, pb::End::Lease),
+                (1, 2, pb::Phase::Exited, pb::End::Lease),
+            ],
+        );
+        let hb = pb::Heartbeat {
+            epoch: 0,
+            instances: stopped,
+            ..Default::default()
+        };
+        let _ = c.heartbeat("a", hb.clone(), now);
+        let now = clock.advance(Duration::from_secs(20));
+        let _ = c.heartbeat("a", hb.clone(), now);
+        let _ = c.tick(now);
+        let s = c.status(now);
+        assert_eq!(s.vehicles_not_driven, 100);
+        assert!(
+            (s.not_driven_s - 21.0).abs() < 0.01,
+            "since last seen running: {}",
+            s.not_driven_s
+        );
+        assert_eq!(s.agents[0].vehicles_not_driven, 100);
+        assert!(
+            s.agents[0].not_driven_cause.contains("lease expiry"),
+            "{:?}",
+            s.agents[0]
+        );
+        assert_eq!(s.state(), pb::RunState::Running, "not yet past 30 s");
+        let now = clock.advance(Duration::from_secs(11));
+        let _ = c.heartbeat("a", hb, now);
+        let _ = c.tick(now);
+        let s = c.status(now);
+        assert_eq!(s.state(), pb::RunState::Failed);
+        assert!(
+            s.failure.starts_with(
+                "100 vehicles of agent a were not driven for 32 s (stopped on a lease expiry"
+            ),
+            "{}",
+            s.failure
+        );
+        assert!(
+            c.tick(now)
+                .iter()
+                .all(|x| x.assignment.instances.is_empty()),
+            "a failed run drives nothing"
+        );
+    }
+
+    #[test]
+    fn a_lost_agent_and_an_unreported_instance_are_undriven_too() {
+        let mut clock = Clock::new();
+        let mut c = Control::new(limits(), clock.now());
+        connect(&mut c, "a", 300, clock.now());
+        start(&mut c, 100, clock.now());
+        let now = clock.advance(Duration::from_secs(2));
+        let one = statuses(&c, &[(0, 1, pb::Phase::Running, pb::End::None)]);
+        let _ = c.heartbeat(
+            "a",
+            pb::Heartbeat {
+                epoch: c.epoch(),
+                instances: one,
+                ..Default::default()
+            },
+            now,
+        );
+        let u = c.undriven(now);
+        assert_eq!(u.len(), 1);
+        assert_eq!((u[0].index, u[0].cause.as_str()), (1, "not reported yet"));
+        let now = clock.advance(LEASE + Duration::from_secs(1));
+        let causes: Vec<String> = c.undriven(now).into_iter().map(|u| u.cause).collect();
+        assert_eq!(causes, ["agent a is lost", "agent a is lost"]);
+    }
+
+    #[test]
+    fn supervision_counts_every_process_started_and_why_each_ended() {
+        let clock = Clock::new();
+        let mut c = Control::new(limits(), clock.now());
+        connect(&mut c, "a", 300, clock.now());
+        start(&mut c, 150, clock.now());
+        let list = statuses(
+            &c,
+            &[
+                (0, 1, pb::Phase::Exited, pb::End::Lease),
+                (0, 5, pb::Phase::Running, pb::End::None),
+                (1, 2, pb::Phase::Exited, pb::End::Crashed),
+                (1, 3, pb::Phase::Exited, pb::End::Shed),
+                (2, 0, pb::Phase::Starting, pb::End::None),
+            ],
+        );
+        let hb = pb::Heartbeat {
+            epoch: c.epoch(),
+            instances: list,
+            usage: Some(pb::HostUsage {
+                lease_expiries: 1,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let _ = c.heartbeat("a", hb, clock.now());
+        let s = c.status(clock.now());
+        let want = pb::Supervision {
+            processes_started: 4,
+            restarts: 2,
+            crashes: 1,
+            lease_stops: 1,
+            lease_expiries: 1,
+            shed: 1,
+        };
+        assert_eq!(s.agents[0].supervision, Some(want));
+        assert_eq!(s.supervision, Some(want), "the fleet's is the sum");
+    }
+
+    #[test]
+    fn a_coordinator_late_by_its_own_stall_does_not_hold_it_against_its_agents() {
+        let mut clock = Clock::new();
+        let mut c = Control::new(limits(), clock.now());
+        connect(&mut c, "a", 100, clock.now());
+        connect(&mut c, "b", 300, clock.now());
+        start(&mut c, 200, clock.now());
+        let before = held(&c.tick(clock.now()));
+        // The coordinator itself got no CPU for lease + grace + 1 s: nobody was heard.
+        let stall = LEASE + GRACE + Duration::from_secs(1);
+        let now = clock.advance(stall);
+        c.stalled(stall, now);
+        assert_eq!(held(&c.tick(now)), before, "nothing moved");
+        // Silence after the stall counts again.
+        let now = clock.advance(LEASE + GRACE + Duration::from_secs(1));
+        beat(&mut c, "b", now);
+        assert!(held(&c.tick(now))["a"].is_empty());
     }
 
     #[derive(Debug, Clone)]

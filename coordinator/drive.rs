@@ -86,6 +86,10 @@ pub struct DriveArgs {
     /// moment, outages around 90 s); they buffer and burst on return (store-and-forward).
     #[arg(long, value_name = "SHARE%/DURATION")]
     pub dropouts: Option<String>,
+    /// Fail the run when planned vehicles go undriven this long (a lost agent with no other
+    /// to take them, a lease stop that did not come back, a crash loop); 0s never fails.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub max_not_driven: Duration,
     /// Samples per second of the samples in a message.
     #[arg(long, default_value_t = 50)]
     pub sampling_rate: u32,
@@ -173,6 +177,12 @@ impl DriveArgs {
         self.redis.check()
     }
 
+    /// The plan request for `n` vehicles: with `--local` and no `--target`, the agents share
+    /// their host with the built-in sink, whose cost per message the estimate then counts.
+    pub fn params(&self, n: u64) -> pb::PlanParams {
+        crate::cli::params_of(n, &self.load, self.local && self.target.is_none())
+    }
+
     /// How every instance of a run drives, for a run of `duration` (None: until stopped).
     pub fn spec(&self, target: &str, duration: Option<Duration>) -> pb::RunSpec {
         pb::RunSpec {
@@ -194,6 +204,7 @@ impl DriveArgs {
             delivery: self.delivery.name().to_string(),
             buffer: self.buffer,
             dropouts: self.dropouts.clone().unwrap_or_default(),
+            max_not_driven_s: self.max_not_driven.as_secs_f64(),
         }
     }
 

@@ -81,6 +81,7 @@ pub async fn start(target: Option<String>, web: Option<LocalWeb>) -> Result<Loca
     let logs = std::env::temp_dir().join(format!("vtox-local-{}", std::process::id()));
     std::fs::create_dir_all(&logs).with_context(|| format!("cannot create {}", logs.display()))?;
 
+    let sink_started = target.is_none();
     cluster.target = match target {
         Some(t) => t,
         None => {
@@ -128,6 +129,7 @@ pub async fn start(target: Option<String>, web: Option<LocalWeb>) -> Result<Loca
             grpc_url: cluster.coord_url.clone(),
             grpc_tls: false,
             default_target: Some(cluster.target.clone()),
+            local_sink: sink_started,
             redis: w.redis,
         };
         match crate::web::start(coord_for_web, opts).await {

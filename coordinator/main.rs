@@ -125,9 +125,11 @@ pub struct CoordArg {
 
 #[derive(Debug, Clone, ClapArgs)]
 pub struct LoadArgs {
-    /// Vehicles per simulator instance (process).
-    #[arg(long, default_value_t = 50)]
-    pub per_instance: u32,
+    /// Most vehicles per simulator process [default: what one core of the host drives at the
+    /// interval, so about one process per core]. `--per-instance 50` is the old tool's layout;
+    /// small processes cost more CPU each, and the estimate counts it.
+    #[arg(long, value_name = "VEHICLES", value_parser = clap::value_parser!(u32).range(1..))]
+    pub per_instance: Option<u32>,
     /// Time between two messages of one vehicle.
     #[arg(long, default_value = "1.2s", value_parser = parse_duration)]
     pub interval: Duration,
@@ -150,6 +152,9 @@ pub struct PlanArgs {
     /// Plan over hypothetical hosts, e.g. 4c8g,8c32g@1000mbps,3x16c64g.
     #[arg(long)]
     pub hosts: Option<String>,
+    /// Plan as `run --local` does: this machine, with the built-in sink sharing its cores.
+    #[arg(long, conflicts_with_all = ["coord", "hosts"])]
+    pub local: bool,
     /// Cap every host at this many vehicles.
     #[arg(long)]
     pub max_vehicles: Option<u64>,
@@ -172,6 +177,9 @@ pub struct CapacityArgs {
     /// Estimate hypothetical hosts, e.g. 4c8g,8c32g@1000mbps.
     #[arg(long)]
     pub hosts: Option<String>,
+    /// Estimate as `run --local` runs: this machine, with the built-in sink sharing its cores.
+    #[arg(long, conflicts_with_all = ["coord", "hosts"])]
+    pub local: bool,
     #[command(flatten)]
     pub load: LoadArgs,
     #[arg(long)]

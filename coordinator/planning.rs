@@ -1,7 +1,7 @@
 //! Glue between the wire types and the pure planner: agents' hardware reports become capacity
 //! estimates, and a plan becomes the reply the CLI prints.
 
-use vtox::capacity::{self, HostSpec, LoadParams};
+use vtox::capacity::{self, HostCosts, HostSpec, LoadParams};
 use vtox::plan::{self, Plan, PlanAgent};
 use vtox::wire::pb;
 
@@ -44,6 +44,7 @@ pub fn parse_vehicles(text: &str) -> Result<u64, String> {
 }
 
 pub fn host_spec(h: &Host) -> HostSpec {
+    let c = h.hardware.calibration.clone().unwrap_or_default();
     HostSpec {
         name: h.name.clone(),
         logical_cores: h.hardware.logical_cores,
@@ -51,6 +52,11 @@ pub fn host_spec(h: &Host) -> HostSpec {
         memory_available_bytes: h.hardware.memory_available_bytes,
         link_mbps: h.hardware.link_mbps,
         msgs_per_core: h.hardware.calibrated_msgs_per_core,
+        costs: HostCosts {
+            process_cores: c.process_cores,
+            process_bytes: c.process_rss_bytes,
+            sink_us_per_msg: c.sink_us_per_msg,
+        },
         max_vehicles: (h.max_vehicles > 0).then_some(h.max_vehicles),
     }
 }
@@ -68,6 +74,8 @@ pub fn hardware_of(spec: &HostSpec) -> pb::Hardware {
     }
 }
 
+/// The load of a plan request; a field left at zero takes the default (0 vehicles per
+/// instance: sized by each host).
 pub fn load_params(p: &pb::PlanParams) -> LoadParams {
     let d = LoadParams::default();
     LoadParams {
@@ -81,11 +89,20 @@ pub fn load_params(p: &pb::PlanParams) -> LoadParams {
         } else {
             d.batch_size
         },
-        per_instance: if p.per_instance > 0 {
-            p.per_instance
-        } else {
-            d.per_instance
-        },
+        per_instance: (p.per_instance > 0).then_some(p.per_instance),
+        sink_on_host: p.sink_on_host,
+    }
+}
+
+fn agent_plan(h: &Host, e: &capacity::Estimate, instances: Vec<pb::InstanceSpec>) -> pb::AgentPlan {
+    pb::AgentPlan {
+        agent: h.name.clone(),
+        hardware: Some(h.hardware.clone()),
+        max_vehicles: e.max_vehicles,
+        recommended_vehicles: e.recommended_vehicles,
+        limited_by: e.limited_by.to_string(),
+        instances,
+        per_process_vehicles: e.per_process_vehicles,
     }
 }
 
@@ -94,27 +111,19 @@ pub fn capacity_reply(hosts: &[Host], params: &pb::PlanParams) -> pb::PlanReply 
     let load = load_params(params);
     let agents: Vec<pb::AgentPlan> = hosts
         .iter()
-        .map(|h| {
-            let e = capacity::estimate(&host_spec(h), &load);
-            pb::AgentPlan {
-                agent: h.name.clone(),
-                hardware: Some(h.hardware.clone()),
-                max_vehicles: e.max_vehicles,
-                recommended_vehicles: e.recommended_vehicles,
-                limited_by: e.limited_by.to_string(),
-                instances: Vec::new(),
-            }
-        })
+        .map(|h| agent_plan(h, &capacity::estimate(&host_spec(h), &load), Vec::new()))
         .collect();
     pb::PlanReply {
         total_vehicles: 0,
         total_max: agents.iter().map(|a| a.max_vehicles).sum(),
         total_recommended: agents.iter().map(|a| a.recommended_vehicles).sum(),
         agents,
+        ..Default::default()
     }
 }
 
-/// Estimates every host and spreads the fleet over them.
+/// Estimates every host and spreads the fleet over them, with the old tool's layout of the
+/// same fleet beside it (its processes, and what the hosts carry in processes that small).
 pub fn plan_hosts(
     hosts: &[Host],
     params: &pb::PlanParams,
@@ -135,6 +144,7 @@ pub fn plan_hosts(
         .map(|(h, e)| PlanAgent {
             name: h.name.clone(),
             max_vehicles: e.max_vehicles,
+            per_process: e.per_process_vehicles,
         })
         .collect();
     let plan = plan::plan(
@@ -146,23 +156,33 @@ pub fn plan_hosts(
     .map_err(|e| e.to_string())?
     .starting_at(params.first_vehicle)
     .ok_or_else(|| format!("--first-vehicle {} is too large", params.first_vehicle))?;
+    let old = LoadParams {
+        per_instance: Some(capacity::OLD_TOOL_PER_INSTANCE),
+        ..load
+    };
     let reply = pb::PlanReply {
         agents: hosts
             .iter()
             .zip(&estimates)
             .zip(&plan.agents)
-            .map(|((h, e), a)| pb::AgentPlan {
-                agent: h.name.clone(),
-                hardware: Some(h.hardware.clone()),
-                max_vehicles: e.max_vehicles,
-                recommended_vehicles: e.recommended_vehicles,
-                limited_by: e.limited_by.to_string(),
-                instances: a.instances.iter().map(pb::InstanceSpec::from).collect(),
+            .map(|((h, e), a)| {
+                agent_plan(
+                    h,
+                    e,
+                    a.instances.iter().map(pb::InstanceSpec::from).collect(),
+                )
             })
             .collect(),
         total_vehicles: plan.vehicles,
         total_max: estimates.iter().map(|e| e.max_vehicles).sum(),
         total_recommended: estimates.iter().map(|e| e.recommended_vehicles).sum(),
+        old_layout_instances: plan
+            .vehicles
+            .div_ceil(u64::from(capacity::OLD_TOOL_PER_INSTANCE)),
+        old_layout_max_vehicles: hosts
+            .iter()
+            .map(|h| capacity::estimate(&host_spec(h), &old).max_vehicles)
+            .sum(),
     };
     Ok((plan, reply))
 }

@@ -5,7 +5,7 @@
 //! missed an SLO (as k6 does).
 
 use crate::backend::{unix_now, BackendRedis, Sampler};
-use crate::cli::{connect, params_of, status_error};
+use crate::cli::{connect, status_error};
 use crate::drive::{self, DriveArgs};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args as ClapArgs;
@@ -579,7 +579,7 @@ async fn run_step(
         a.step_duration
     };
     let req = pb::StartRequest {
-        params: Some(params_of(n, &a.drive.load)),
+        params: Some(a.drive.params(n)),
         spec: Some(a.drive.spec(target, Some(a.warmup + measured))),
         expect_agents: 0,
     };

@@ -27,6 +27,7 @@ pub(crate) fn plan_json(reply: &pb::PlanReply) -> Value {
         "vehicles": reply.total_vehicles,
         "total_max_vehicles": reply.total_max,
         "total_recommended_vehicles": reply.total_recommended,
+        "old_layout": {"per_instance": vtox::capacity::OLD_TOOL_PER_INSTANCE, "instances": reply.old_layout_instances, "max_vehicles": reply.old_layout_max_vehicles},
         "agents": reply.agents.iter().map(|a| {
             let hw = a.hardware.clone().unwrap_or_default();
             json!({
@@ -37,6 +38,7 @@ pub(crate) fn plan_json(reply: &pb::PlanReply) -> Value {
                 "max_vehicles": a.max_vehicles,
                 "recommended_vehicles": a.recommended_vehicles,
                 "limited_by": a.limited_by,
+                "per_process_vehicles": a.per_process_vehicles,
                 "vehicles": a.instances.iter().map(|i| i.vehicles).sum::<u64>(),
                 "instances": a.instances.iter().map(|i| json!({
                     "index": i.index,
@@ -58,7 +60,7 @@ pub(crate) fn plan_table(reply: &pb::PlanReply) -> String {
         let vehicles: u64 = a.instances.iter().map(|i| i.vehicles).sum();
         let _ = writeln!(
             out,
-            "{}: {} cores, {}, link {}; carries up to {} vehicles (recommended {}, limited by {}); planned {} vehicles in {} instances",
+            "{}: {} cores, {}, link {}; carries up to {} vehicles (recommended {}, limited by {}); planned {} vehicles in {} of up to {}",
             a.agent,
             hw.logical_cores,
             gib(hw.memory_total_bytes),
@@ -67,7 +69,8 @@ pub(crate) fn plan_table(reply: &pb::PlanReply) -> String {
             a.recommended_vehicles,
             a.limited_by,
             vehicles,
-            a.instances.len()
+            plural(a.instances.len() as u64, "instance"),
+            a.per_process_vehicles
         );
         for i in &a.instances {
             let last = i.first_vehicle + i.vehicles.saturating_sub(1);
@@ -85,13 +88,20 @@ pub(crate) fn plan_table(reply: &pb::PlanReply) -> String {
     }
     let _ = writeln!(
         out,
-        "total: {} vehicles in {} instances on {} agents; capacity {} vehicles (recommended {})",
+        "total: {} vehicles in {} on {}; capacity {} vehicles (recommended {})",
         reply.total_vehicles,
-        instances,
-        reply.agents.len(),
+        plural(instances as u64, "instance"),
+        plural(reply.agents.len() as u64, "agent"),
         reply.total_max,
         reply.total_recommended
     );
+    if reply.old_layout_instances > 0 {
+        let _ = writeln!(
+            out,
+            "the old tool's layout (--per-instance 50) would be {} processes, and these hosts would carry {} vehicles that way (each process costs CPU of its own)",
+            reply.old_layout_instances, reply.old_layout_max_vehicles
+        );
+    }
     out
 }
 
@@ -158,7 +168,7 @@ impl LiveView {
         let mut text = String::new();
         let _ = writeln!(
             text,
-            "{:<16} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>5} {:>5} {:>8}",
+            "{:<16} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>5} {:>5} {:>8} {:>8} {:>7}",
             "agent",
             "instances",
             "vehicles",
@@ -169,7 +179,9 @@ impl LiveView {
             "p99 ms",
             "host%",
             "sim%",
-            "rss MiB"
+            "rss MiB",
+            "restarts",
+            "lag ms"
         );
         for agent in &s.agents {
             let c = agent.totals.clone().unwrap_or_default();
@@ -182,9 +194,11 @@ impl LiveView {
             };
             let (p50, p95, p99, _) = percentiles(&c);
             let usage = agent.usage.unwrap_or_default();
+            let restarts = agent.supervision.map_or(0, |x| x.restarts);
+            let lag = usage.control_lag_ms.max(usage.supervisor_lag_ms);
             let _ = writeln!(
                 text,
-                "{:<16} {:>4}/{:<4} {:>9} {:>9.0} {:>8.2} {:>8.1} {:>8.1} {:>8.1} {:>5.0} {:>5} {:>8.0}{}",
+                "{:<16} {:>4}/{:<4} {:>9} {:>9.0} {:>8.2} {:>8.1} {:>8.1} {:>8.1} {:>5.0} {:>5} {:>8.0} {:>8} {:>7.0}{}{}",
                 agent.agent,
                 agent.instances_running,
                 agent.instances_planned,
@@ -199,7 +213,10 @@ impl LiveView {
                     .simulators_cpu_percent
                     .map_or_else(|| "-".to_string(), |x| format!("{x:.0}")),
                 usage.rss_bytes as f64 / (1u64 << 20) as f64,
-                if agent.connected { "" } else { "  (disconnected)" }
+                restarts,
+                lag,
+                if agent.connected { "" } else { "  (disconnected)" },
+                if usage.starved { "  (starved of CPU)" } else { "" }
             );
         }
         let t = s.totals.clone().unwrap_or_default();
@@ -225,6 +242,9 @@ impl LiveView {
             let _ = write!(text, "  delay p99 {p99:.1} ms");
         }
         text.push('\n');
+        if let Some(line) = undriven_line(s) {
+            let _ = writeln!(text, "{line}");
+        }
         text.push_str(extra);
         let mut err = std::io::stderr().lock();
         if self.tty {
@@ -317,23 +337,114 @@ pub(crate) fn summary(s: &pb::RunStatus) -> String {
     if forwarding(s) {
         let _ = writeln!(out, "  delivery: {}", delivery_line(&t));
     }
+    let _ = writeln!(out, "  generator: {}", generator_line(s));
+    if let Some(line) = undriven_line(s) {
+        let _ = writeln!(out, "{line}");
+    }
+    if !s.failure.is_empty() {
+        let _ = writeln!(out, "  FAILED: {}", s.failure);
+    }
     for a in &s.agents {
         let c = a.totals.clone().unwrap_or_default();
-        let restarts: u32 = a.instances.iter().map(|i| i.restarts).sum();
         let _ = writeln!(
             out,
-            "  {}: {} vehicles, {}/{} instances running, accepted {} of {} sent, {} restarts",
+            "  {}: {} vehicles, {}/{} instances running, accepted {} of {} sent; {}",
             a.agent,
             a.vehicles,
             a.instances_running,
             a.instances_planned,
             c.accepted,
             c.sent,
-            restarts
+            vtox::supervision::words(&a.supervision.unwrap_or_default())
         );
     }
     out
 }
+
+/// Whether the simulators kept their schedule, on their own evidence (late ticks, lag, their
+/// CPU), and whether a host also ran other load (said as a fact).
+pub(crate) fn generator_verdict(s: &pb::RunStatus) -> vtox::ramp::GeneratorVerdict {
+    let t = s.totals.clone().unwrap_or_default();
+    vtox::ramp::judge_generator(&vtox::ramp::GeneratorEvidence {
+        interval_s: s.spec.as_ref().map_or(1.2, |x| x.interval_s),
+        late_ticks: t.dropped.saturating_sub(t.dropped_busy),
+        max_lag_s: t.max_lag_ms / 1e3,
+        hosts: s
+            .agents
+            .iter()
+            .map(|a| {
+                let u = a.usage.unwrap_or_default();
+                vtox::ramp::HostUse {
+                    name: a.agent.clone(),
+                    cores: u.cores,
+                    host_cpu_percent: u.cpu_percent,
+                    simulators_cpu_percent: u.simulators_cpu_percent,
+                    rss_bytes: u.rss_bytes,
+                }
+            })
+            .collect(),
+    })
+}
+
+fn generator_line(s: &pb::RunStatus) -> String {
+    let t = s.totals.clone().unwrap_or_default();
+    let v = generator_verdict(s);
+    let mut line = if v.healthy {
+        format!("kept its schedule (worst lag {:.0} ms)", t.max_lag_ms)
+    } else {
+        let late = t.dropped.saturating_sub(t.dropped_busy);
+        let share = late as f64 * 100.0 / (t.produced + late).max(1) as f64;
+        format!(
+            "GENERATOR-LIMITED: {}; {share:.1} % of ticks were dropped: these numbers measure vtox's hosts, not the backend (plan fewer vehicles per host, or add hosts)",
+            v.reasons.join("; ")
+        )
+    };
+    let starved: Vec<&str> = s
+        .agents
+        .iter()
+        .filter(|a| a.usage.is_some_and(|u| u.starved))
+        .map(|a| a.agent.as_str())
+        .collect();
+    if !starved.is_empty() {
+        let _ = write!(line, "; agents starved of CPU: {}", starved.join(", "));
+    }
+    if v.host_shared {
+        let _ = write!(
+            line,
+            "; hosts shared with other load ({})",
+            v.shared_hosts.join("; ")
+        );
+    }
+    line
+}
+
+/// "NOT DRIVEN: 20000 vehicles for 4 m 2 s (local: stopped on a lease expiry of its agent)",
+/// once vehicles have waited long enough to be more than a start or a handoff.
+pub(crate) fn undriven_line(s: &pb::RunStatus) -> Option<String> {
+    if s.vehicles_not_driven == 0 || s.not_driven_s < UNDRIVEN_SHOWN_AFTER_S {
+        return None;
+    }
+    let causes: Vec<String> = s
+        .agents
+        .iter()
+        .filter(|a| a.vehicles_not_driven > 0)
+        .map(|a| {
+            format!(
+                "{}: {} vehicles, {}",
+                a.agent, a.vehicles_not_driven, a.not_driven_cause
+            )
+        })
+        .collect();
+    Some(format!(
+        "  NOT DRIVEN: {} vehicles for {} ({})",
+        s.vehicles_not_driven,
+        humantime::format_duration(Duration::from_secs(s.not_driven_s as u64)),
+        causes.join("; ")
+    ))
+}
+
+/// Vehicles undriven for less than this are starting or in a handoff, not news.
+const UNDRIVEN_SHOWN_AFTER_S: f64 = 5.0;
 
 /// What store-and-forward did: messages made, how many waited and how, and what is left.
 fn delivery_line(t: &pb::Counters) -> String {
@@ -412,6 +523,18 @@ pub(crate) fn phase_name(p: i32) -> &'static str {
     }
 }
 
+pub(crate) fn end_name(e: i32) -> &'static str {
+    match pb::End::try_from(e).unwrap_or(pb::End::None) {
+        pb::End::None => "",
+        pb::End::Finished => "finished",
+        pb::End::Crashed => "crashed",
+        pb::End::Lease => "lease",
+        pb::End::Unassigned => "unassigned",
+        pb::End::Shed => "shed",
+        pb::End::Shutdown => "shutdown",
+    }
+}
+
 pub(crate) fn status_json(s: &pb::RunStatus) -> Value {
     json!({
         "run_id": s.run_id,
@@ -420,27 +543,51 @@ pub(crate) fn status_json(s: &pb::RunStatus) -> Value {
         "elapsed_s": s.elapsed_s,
         "target": s.spec.as_ref().map(|x| x.target.clone()),
         "unassigned_vehicles": s.unassigned_vehicles,
+        "vehicles_not_driven": s.vehicles_not_driven,
+        "not_driven_s": s.not_driven_s,
+        "failure": (!s.failure.is_empty()).then(|| s.failure.clone()),
+        "supervision": vtox::supervision::json(&s.supervision.unwrap_or_default()),
+        "generator": generator_verdict(s),
         "totals": counters_json(&s.totals.clone().unwrap_or_default()),
-        "agents": s.agents.iter().map(|a| json!({
-            "name": a.agent,
-            "connected": a.connected,
-            "vehicles": a.vehicles,
-            "instances_running": a.instances_running,
-            "instances_planned": a.instances_planned,
-            "cpu_percent": a.usage.map(|u| u.cpu_percent),
-            "simulators_cpu_percent": a.usage.and_then(|u| u.simulators_cpu_percent),
-            "rss_bytes": a.usage.map(|u| u.rss_bytes),
-            "totals": counters_json(&a.totals.clone().unwrap_or_default()),
-            "instances": a.instances.iter().map(|i| json!({
-                "index": i.index,
-                "first_vehicle": i.first_vehicle,
-                "vehicles": i.vehicles,
-                "phase": phase_name(i.phase),
-                "restarts": i.restarts,
-                "incarnation": i.incarnation,
-                "last_error": i.last_error,
-            })).collect::<Vec<_>>(),
-        })).collect::<Vec<_>>(),
+        "agents": s.agents.iter().map(agent_json).collect::<Vec<_>>(),
+    })
+}
+
+fn agent_json(a: &pb::AgentStatus) -> Value {
+    let u = a.usage.unwrap_or_default();
+    json!({
+        "name": a.agent,
+        "connected": a.connected,
+        "vehicles": a.vehicles,
+        "instances_running": a.instances_running,
+        "instances_planned": a.instances_planned,
+        "cpu_percent": a.usage.map(|u| u.cpu_percent),
+        "simulators_cpu_percent": u.simulators_cpu_percent,
+        "rss_bytes": a.usage.map(|u| u.rss_bytes),
+        "agent_cpu_percent": u.agent_cpu_percent,
+        "control_lag_ms": u.control_lag_ms,
+        "supervisor_lag_ms": u.supervisor_lag_ms,
+        "starved": u.starved,
+        "starts_deferred": u.starts_deferred,
+        "supervision": vtox::supervision::json(&a.supervision.unwrap_or_default()),
+        "vehicles_not_driven": a.vehicles_not_driven,
+        "not_driven_s": a.not_driven_s,
+        "not_driven_cause": (!a.not_driven_cause.is_empty()).then(|| a.not_driven_cause.clone()),
+        "totals": counters_json(&a.totals.clone().unwrap_or_default()),
+        "instances": a.instances.iter().map(instance_json).collect::<Vec<_>>(),
+    })
+}
+
+fn instance_json(i: &pb::InstanceStatus) -> Value {
+    json!({
+        "index": i.index,
+        "first_vehicle": i.first_vehicle,
+        "vehicles": i.vehicles,
+        "phase": phase_name(i.phase),
+        "restarts": i.restarts,
+        "incarnation": i.incarnation,
+        "end": end_name(i.end),
+        "last_error": i.last_error,
     })
 }
 

@@ -388,7 +388,9 @@ impl Coordinator {
             tokio::spawn(write_loop(dir, self.writes.subscribe()));
         }
         let mut tick = tokio::time::interval(self.settings.heartbeat);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last = Instant::now();
+        let mut last_renew = last;
         // What each agent was last sent (session, run, instances): a tick asked for by an event
         // sends only what changed, so ten thousand joins do not each resend every assignment.
         // The heartbeat tick sends everything: it renews the leases and carries new epochs.
@@ -406,9 +408,24 @@ impl Coordinator {
             }
             last = Instant::now();
             let t = now();
+            // This loop's own lateness: a coordinator starved of CPU heard nothing from its
+            // agents meanwhile, through no fault of theirs.
+            let lag = if renew {
+                let lag = vtox::agent::lag(
+                    self.settings.heartbeat,
+                    last.saturating_duration_since(last_renew),
+                );
+                last_renew = last;
+                lag
+            } else {
+                Duration::ZERO
+            };
             let mut sends = Vec::new();
             {
                 let mut sh = self.lock();
+                if lag > self.settings.lease / 4 {
+                    sh.core.stalled(lag, t);
+                }
                 let assignments = sh.core.tick(t);
                 if self.settings.state_dir.is_some() {
                     if let Some(state) = sh.core.take_write(t) {

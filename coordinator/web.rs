@@ -62,6 +62,9 @@ pub struct WebOptions {
     pub grpc_tls: bool,
     /// The target a run or ramp started from the page drives when none is given.
     pub default_target: Option<String>,
+    /// That target is a vtox-sink on the agents' own host (`--local`): runs driving it are
+    /// planned with its cost on their cores.
+    pub local_sink: bool,
     /// The backend's Redis, for the pipeline panel and the score.
     pub redis: RedisArgs,
 }
@@ -627,7 +630,11 @@ async fn start_run(
     let req = pb::StartRequest {
         params: Some(pb::PlanParams {
             first_vehicle: run.first_vehicle,
-            ..crate::cli::params_of(run.vehicles, &d.load)
+            ..crate::cli::params_of(
+                run.vehicles,
+                &d.load,
+                web.opts.local_sink && target == default_target,
+            )
         }),
         spec: Some(d.spec(&target, run.duration)),
         expect_agents: 0,

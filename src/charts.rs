@@ -95,6 +95,7 @@ pub fn svg(chart: &Chart<'_>) -> Result<String, String> {
             .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], RED));
         }
         c.configure_series_labels()
+            .position(legend_corner(chart, x_max, y_max))
             .background_style(WHITE.mix(0.8))
             .border_style(BLACK)
             .draw()
@@ -102,6 +103,54 @@ pub fn svg(chart: &Chart<'_>) -> Result<String, String> {
         root.present().map_err(|e| e.to_string())?;
     }
     Ok(out)
+}
+
+/// Where the legend covers the least: of six places (upper, middle and lower, at the left
+/// and the right, each a third of the height and half the width), the one with the fewest
+/// points and stretches of line in it (lines sampled ten times between points).
+fn legend_corner(chart: &Chart<'_>, x_max: f64, y_max: f64) -> SeriesLabelPosition {
+    let mut marks: Vec<(f64, f64)> = Vec::new();
+    for (_, ys) in &chart.series {
+        let mut pts: Vec<(f64, f64)> = chart
+            .x
+            .iter()
+            .zip(ys)
+            .filter_map(|(x, y)| Some((x / x_max, (*y)? / y_max)))
+            .collect();
+        pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+        marks.extend(pts.iter().copied());
+        for w in pts.windows(2) {
+            marks.extend((1..10).map(|k| {
+                let f = f64::from(k) / 10.0;
+                (
+                    w[0].0 + (w[1].0 - w[0].0) * f,
+                    w[0].1 + (w[1].1 - w[0].1) * f,
+                )
+            }));
+        }
+    }
+    if let Some((_, y)) = chart.slo {
+        marks.extend((0..=10).map(|k| (f64::from(k) / 10.0, y / y_max)));
+    }
+    let places = [
+        (SeriesLabelPosition::UpperRight, true, 2),
+        (SeriesLabelPosition::UpperLeft, false, 2),
+        (SeriesLabelPosition::MiddleRight, true, 1),
+        (SeriesLabelPosition::MiddleLeft, false, 1),
+        (SeriesLabelPosition::LowerRight, true, 0),
+        (SeriesLabelPosition::LowerLeft, false, 0),
+    ];
+    let covered = |right: bool, band: i32| {
+        marks
+            .iter()
+            .filter(|(x, y)| (*x > 0.5) == right && ((y * 3.0).floor() as i32).clamp(0, 2) == band)
+            .count()
+    };
+    places
+        .into_iter()
+        .min_by_key(|(_, right, band)| covered(*right, *band))
+        .map(|(p, _, _)| p)
+        .unwrap_or(SeriesLabelPosition::UpperRight)
 }
 
 #[cfg(test)]
@@ -153,5 +202,31 @@ mod tests {
         })
         .unwrap();
         assert_eq!(one.matches("<circle").count(), 1);
+    }
+
+    #[test]
+    fn the_legend_goes_where_no_point_is() {
+        let x = [10.0, 50.0, 100.0];
+        let high = Chart {
+            title: "success",
+            y_label: "%",
+            x: &x,
+            series: vec![("success", vec![Some(100.0), Some(100.0), Some(100.0)])],
+            search: &[],
+            slo: Some(("99 %", 99.0)),
+        };
+        assert!(matches!(
+            legend_corner(&high, 110.0, 110.0),
+            SeriesLabelPosition::MiddleRight
+        ));
+        let rising = Chart {
+            series: vec![("cpu", vec![Some(1.0), Some(50.0), Some(100.0)])],
+            slo: None,
+            ..high
+        };
+        assert!(matches!(
+            legend_corner(&rising, 110.0, 110.0),
+            SeriesLabelPosition::UpperLeft
+        ));
     }
 }

@@ -19,6 +19,8 @@ const OLDER_POINTS: usize = 300;
 const EVENTS_KEPT: usize = 500;
 /// A running instance whose counters have not moved for this long has stalled.
 const STALL_S: f64 = 5.0;
+/// Vehicles undriven for less than this are starting or in a handoff, not an event.
+const UNDRIVEN_TOLD_AFTER_S: f64 = 5.0;
 /// Counters move once a heartbeat: a rate needs at least this much of the simulators' own
 /// time between two looks, or the last rate stands.
 const MIN_RATE_WINDOW_S: f64 = 0.5;
@@ -101,6 +103,14 @@ pub struct RunHeader {
     pub failed: u64,
     pub dropped: u64,
     pub success: f64,
+    /// Planned vehicles not driven now, and the longest any has waited.
+    pub not_driven: u64,
+    pub not_driven_s: f64,
+    /// Why a failed run failed.
+    pub failure: String,
+    /// Simulator restarts and agents' lease expiries in the run.
+    pub restarts: u64,
+    pub lease_expiries: u64,
 }
 
 /// A row of the agent table.
@@ -126,6 +136,12 @@ pub struct AgentRow {
     pub heartbeat_s_ago: Option<f64>,
     pub buffered: u64,
     pub offline: u64,
+    pub restarts: u64,
+    pub lease_expiries: u64,
+    pub not_driven: u64,
+    pub not_driven_cause: String,
+    /// Its own timers ran more than a quarter of the lease late: starved of CPU.
+    pub starved: bool,
 }
 
 impl AgentRow {
@@ -150,6 +166,11 @@ impl AgentRow {
             host_cpu: None,
             rss_mib: 0.0,
             heartbeat_s_ago: info.map(|i| i.last_seen_s_ago),
+            restarts: 0,
+            lease_expiries: 0,
+            not_driven: 0,
+            not_driven_cause: String::new(),
+            starved: false,
             buffered: 0,
             offline: 0,
         }
@@ -189,6 +210,7 @@ pub struct History {
 struct AgentPrev {
     done: u64,
     accepted: u64,
+    lease_expiries: u64,
     elapsed_s: f64,
     /// Answers and 200s a second over the last window of its own clock.
     rate: f64,
@@ -222,6 +244,8 @@ struct Prev {
     dropped: u64,
     elapsed_s: f64,
     point: Option<Point>,
+    /// Whether the current stretch of undriven vehicles was told as an event.
+    undriven_told: bool,
 }
 
 /// The dashboard's memory: the previous look, the history and the recent events.
@@ -289,14 +313,21 @@ impl Board {
             self.pending.clear();
             self.older.clear();
         } else if status.state != self.prev.state {
+            let why = if status.failure.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", status.failure)
+            };
             events.push(Event {
                 t: now,
                 kind: "run",
-                text: format!("run {} {}", status.run_id, status.state().name()),
+                text: format!("run {} {}{why}", status.run_id, status.state().name()),
             });
         }
+        self.undriven_event(status, now, &mut events);
         self.agent_events(agents, now, &mut events);
         let totals = status.totals.clone().unwrap_or_default();
+        self.lease_events(status, now, same_run, &mut events);
         let rows = self.agent_rows(status, agents, same_run);
         self.instance_events(status, now, same_run, &mut events);
         let point = (!status.run_id.is_empty()).then(|| self.point(status, &totals, now));
@@ -323,6 +354,11 @@ impl Board {
                 failed: totals.failed,
                 dropped: totals.dropped,
                 success: totals.success_percent(),
+                not_driven: status.vehicles_not_driven,
+                not_driven_s: status.not_driven_s,
+                failure: status.failure.clone(),
+                restarts: status.supervision.map_or(0, |x| x.restarts),
+                lease_expiries: status.supervision.map_or(0, |x| x.lease_expiries),
             }
         });
         if let Some(p) = point {
@@ -375,6 +411,68 @@ impl Board {
                 self.older.pop_front();
             }
         }
+    }
+
+    /// An agent's lease expired: it stopped every instance it ran.
+    fn lease_events(
+        &self,
+        status: &pb::RunStatus,
+        now: f64,
+        same_run: bool,
+        events: &mut Vec<Event>,
+    ) {
+        for a in &status.agents {
+            let count = a.supervision.map_or(0, |x| x.lease_expiries);
+            let before = if same_run {
+                self.prev
+                    .agents
+                    .get(&a.agent)
+                    .map_or(0, |p| p.lease_expiries)
+            } else {
+                0
+            };
+            if count > before {
+                let u = a.usage.unwrap_or_default();
+                events.push(Event {
+                    t: now,
+                    kind: "lease_expired",
+                    text: format!(
+                        "agent {}'s lease expired; it stopped its instances (its own timers ran up to {:.0} ms late{})",
+                        a.agent,
+                        u.control_lag_ms.max(u.supervisor_lag_ms),
+                        if u.starved { ": starved of CPU" } else { "" }
+                    ),
+                });
+            }
+        }
+    }
+
+    /// Vehicles undriven for longer than a start or a handoff take, told once per stretch.
+    fn undriven_event(&mut self, status: &pb::RunStatus, now: f64, events: &mut Vec<Event>) {
+        if status.vehicles_not_driven == 0 {
+            self.prev.undriven_told = false;
+            return;
+        }
+        if self.prev.undriven_told || status.not_driven_s < UNDRIVEN_TOLD_AFTER_S {
+            return;
+        }
+        self.prev.undriven_told = true;
+        let causes: Vec<String> = status
+            .agents
+            .iter()
+            .filter(|a| a.vehicles_not_driven > 0)
+            .map(|a| format!("{}: {}", a.agent, a.not_driven_cause))
+            .collect();
+        events.push(Event {
+            t: now,
+            kind: "not_driven",
+            text: format!(
+                "{} vehicles not driven for {:.0} s ({})",
+                status.vehicles_not_driven,
+                status.not_driven_s,
+                causes.join("; ")
+            ),
+        });
     }
 
     fn agent_events(&mut self, agents: &[pb::AgentInfo], now: f64, events: &mut Vec<Event>) {
@@ -435,6 +533,7 @@ impl Board {
                     AgentPrev {
                         done,
                         accepted: c.accepted,
+                        lease_expiries: a.supervision.map_or(0, |x| x.lease_expiries),
                         elapsed_s: c.elapsed_s,
                         rate: done.saturating_sub(p.done) as f64 / dt,
                         accepted_rate: c.accepted.saturating_sub(p.accepted) as f64 / dt,
@@ -444,6 +543,7 @@ impl Board {
                 None => AgentPrev {
                     done,
                     accepted: c.accepted,
+                    lease_expiries: a.supervision.map_or(0, |x| x.lease_expiries),
                     elapsed_s: c.elapsed_s,
                     rate: 0.0,
                     accepted_rate: 0.0,
@@ -471,6 +571,11 @@ impl Board {
                 rss_mib: usage.rss_bytes as f64 / (1u64 << 20) as f64,
                 buffered: c.buffered,
                 offline: c.offline,
+                restarts: a.supervision.map_or(0, |x| x.restarts),
+                lease_expiries: a.supervision.map_or(0, |x| x.lease_expiries),
+                not_driven: a.vehicles_not_driven,
+                not_driven_cause: a.not_driven_cause.clone(),
+                starved: usage.starved,
                 ..AgentRow::idle(&a.agent, a.connected, info)
             });
         }
@@ -734,6 +839,7 @@ mod tests {
                         ..Default::default()
                     })
                     .collect(),
+                ..Default::default()
             });
         }
         totals.latency_hdr = hist(latencies);
@@ -750,6 +856,7 @@ mod tests {
             agents: list,
             totals: Some(totals),
             unassigned_vehicles: 0,
+            ..Default::default()
         }
     }
 

@@ -5,6 +5,7 @@
 //! carries a copy: `process` (logs, signals, the metrics endpoint) and `hardware` (what the
 //! host offers).
 
+pub mod agent;
 pub mod auth;
 pub mod backlog;
 pub mod capacity;
@@ -31,6 +32,7 @@ pub mod score;
 pub mod signal;
 pub mod sim_args;
 pub mod sink;
+pub mod supervision;
 pub mod target_tls;
 pub mod telemetry;
 pub mod wire;

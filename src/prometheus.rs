@@ -181,7 +181,54 @@ pub fn coordinator(status: &pb::RunStatus, agents_connected: usize) -> String {
         "Planned vehicles no connected agent drives.",
         status.unassigned_vehicles as f64,
     );
+    supervision(&mut out, status);
     out
+}
+
+/// Every process started, restarted and stopped, per agent, from the supervision table; the
+/// vehicles not driven and for how long; whether agents are starved and the run failed.
+fn supervision(out: &mut String, status: &pb::RunStatus) {
+    for f in &crate::supervision::FIELDS {
+        let rows: Vec<(String, u64)> = status
+            .agents
+            .iter()
+            .map(|a| (a.agent.clone(), a.supervision.as_ref().map_or(0, f.get)))
+            .collect();
+        counter_family(out, &format!("vtox_{}_total", f.name), f.help, &rows);
+    }
+    gauge(
+        out,
+        "vtox_vehicles_not_driven",
+        "Planned vehicles whose simulator is not running now (lost agent, handoff, lease stop, backoff, shed).",
+        status.vehicles_not_driven as f64,
+    );
+    gauge(
+        out,
+        "vtox_not_driven_seconds",
+        "The longest any planned vehicle has gone undriven.",
+        status.not_driven_s,
+    );
+    let starved = status
+        .agents
+        .iter()
+        .filter(|a| a.usage.is_some_and(|u| u.starved))
+        .count();
+    gauge(
+        out,
+        "vtox_agents_starved",
+        "Agents whose own timers ran more than a quarter of the lease late (starved of CPU).",
+        starved as f64,
+    );
+    gauge(
+        out,
+        "vtox_run_failed",
+        "1 when the run failed (see the status's failure).",
+        if status.state() == pb::RunState::Failed {
+            1.0
+        } else {
+            0.0
+        },
+    );
 }
 
 /// One agent's metrics, from its instances' statuses.
@@ -249,12 +296,32 @@ mod tests {
                 agent: "a\"b".into(),
                 instances_running: 2,
                 totals: Some(c.clone()),
+                supervision: Some(pb::Supervision {
+                    processes_started: 4,
+                    restarts: 2,
+                    lease_stops: 2,
+                    lease_expiries: 1,
+                    ..Default::default()
+                }),
                 ..Default::default()
             }],
             totals: Some(c),
+            vehicles_not_driven: 6,
             ..Default::default()
         };
         let text = coordinator(&s, 1);
+        // Every stop is counted, by cause, and what is not driven shows.
+        for line in [
+            "vtox_processes_started_total{agent=\"a\\\"b\"} 4",
+            "vtox_restarts_total{agent=\"a\\\"b\"} 2",
+            "vtox_lease_stops_total{agent=\"a\\\"b\"} 2",
+            "vtox_lease_expiries_total{agent=\"a\\\"b\"} 1",
+            "vtox_crashes_total{agent=\"a\\\"b\"} 0",
+            "vtox_vehicles_not_driven 6",
+            "vtox_run_failed 0",
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
         assert!(
             text.contains("vtox_messages_accepted_total{agent=\"a\\\"b\"} 3"),
             "{text}"

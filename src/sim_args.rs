@@ -149,6 +149,11 @@ pub struct SimArgs {
     /// even after the process is killed. `vtox-agent` passes one per instance.
     #[arg(long, value_name = "PATH")]
     pub tally: Option<std::path::PathBuf>,
+    /// Worker threads of the simulator's runtime [default: the cores available]. `vtox-agent`
+    /// gives each of a host's processes its share of the cores; 1 runs everything on one
+    /// thread, which sends the most messages per core.
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = crate::process::LogFormat::Text)]
     pub log_format: crate::process::LogFormat,
@@ -230,6 +235,7 @@ mod tests {
         a.lease = Some(Duration::from_millis(2500));
         a.tally = Some("/tmp/x y.tally".into());
         a.target_insecure = true;
+        a.threads = Some(1);
         a.log_format = crate::process::LogFormat::Json;
         let args = a.to_args();
         let back =

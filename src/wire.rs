@@ -56,6 +56,7 @@ impl pb::RunState {
             pb::RunState::Running => "running",
             pb::RunState::Stopped => "stopped",
             pb::RunState::Finished => "finished",
+            pb::RunState::Failed => "failed",
         }
     }
 
@@ -64,6 +65,7 @@ impl pb::RunState {
         match name {
             "running" => pb::RunState::Running,
             "finished" => pb::RunState::Finished,
+            "failed" => pb::RunState::Failed,
             "" | "idle" => pb::RunState::Idle,
             _ => pb::RunState::Stopped,
         }
@@ -200,6 +202,7 @@ mod tests {
             pb::RunState::Running,
             pb::RunState::Stopped,
             pb::RunState::Finished,
+            pb::RunState::Failed,
         ] {
             assert_eq!(pb::RunState::from_legacy(s.name()), s);
         }

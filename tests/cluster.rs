@@ -132,7 +132,16 @@ fn two_agents_drive_exactly_the_planned_vehicles() {
 
 #[test]
 fn plan_gives_the_reference_split() {
-    let out = coord_cmd(&["plan", "234", "--hosts", "8c16g", "--json"]);
+    // The old tool's layout, kept reproducible behind --per-instance 50.
+    let out = coord_cmd(&[
+        "plan",
+        "234",
+        "--hosts",
+        "8c16g",
+        "--per-instance",
+        "50",
+        "--json",
+    ]);
     assert!(
         out.status.success(),
         "{}",

@@ -206,7 +206,6 @@ fn dropouts_need_store_and_forward_and_a_valid_spec() {
 /// and the summary show buffers, outages and the delay.
 #[test]
 fn a_run_passes_delivery_through_and_its_status_shows_it() {
-    let (_sink, sink_addr) = sink(&["--outage", "3s"]);
     let coord_addr = format!("127.0.0.1:{}", free_port());
     let _coord = Proc::spawn("vtox-coord", &["serve", "--listen", &coord_addr]);
     wait_listening(&coord_addr, Duration::from_secs(10));
@@ -223,6 +222,21 @@ fn a_run_passes_delivery_through_and_its_status_shows_it() {
         ],
     );
     let coord_url = format!("http://{coord_addr}");
+    // The sink's outage covers its first 3 s: it starts once the agent has joined (after
+    // measuring its host), so that the run begins inside the outage.
+    wait_for("the agent joined", Duration::from_secs(20), || {
+        let out = std::process::Command::new(bin("vtox-coord"))
+            .args(["agents", "--coord", &coord_url, "--json"])
+            .output()
+            .ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        (v["agents"]
+            .as_array()?
+            .iter()
+            .any(|a| a["connected"] == true))
+        .then_some(())
+    });
+    let (_sink, sink_addr) = sink(&["--outage", "3s"]);
     let target = format!("http://{sink_addr}");
     let mut run = Proc::spawn_piped(
         "vtox-coord",

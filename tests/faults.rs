@@ -310,6 +310,10 @@ impl Cluster {
                 "0.1s",
                 "--min-success",
                 "0",
+                // Several instances per agent, so that one can be killed, moved or rebalanced
+                // while the others drive on.
+                "--per-instance",
+                "50",
             ],
             &[],
         );

@@ -569,3 +569,95 @@ fn with_redis_the_pipeline_and_its_idle_groups_show() {
         "!document.querySelector('#pipeline').hidden && document.querySelector('#pipe-table').innerText.includes('current_diagnosis') && document.querySelector('#pipe-idle').innerText.includes('nobody_reads_this')",
     );
 }
+
+#[test]
+fn vehicles_not_driven_and_a_failed_run_are_said_at_the_top_of_the_page() {
+    let Some(mut b) = Browser::launch() else {
+        return;
+    };
+    // An agent whose "simulator" crashes at once, every time: nothing is driven.
+    let sink = format!("127.0.0.1:{}", free_port());
+    let coord = format!("127.0.0.1:{}", free_port());
+    let web = format!("127.0.0.1:{}", free_port());
+    let _coord = Proc::spawn(
+        "vtox-coord",
+        &[
+            "serve",
+            "--listen",
+            &coord,
+            "--web-listen",
+            &web,
+            "--heartbeat",
+            "500ms",
+        ],
+    );
+    wait_listening(&coord, Duration::from_secs(10));
+    wait_listening(&web, Duration::from_secs(10));
+    let logs = TempDir::new("web-undriven");
+    let _agent = Proc::spawn(
+        "vtox-agent",
+        &[
+            "--join",
+            &coord,
+            "--name",
+            "crashy",
+            "--log-dir",
+            logs.path(),
+            "--sim-bin",
+            "/bin/false",
+        ],
+    );
+    let coord_url = format!("http://{coord}");
+    let _run = Proc::spawn(
+        "vtox-coord",
+        &[
+            "run",
+            "30",
+            "--coord",
+            &coord_url,
+            "--target",
+            &format!("http://{sink}"),
+            "--duration",
+            "120s",
+            "--max-not-driven",
+            "12s",
+        ],
+    );
+    b.goto(&format!("http://{web}/"));
+    let alarm = b.wait_for(
+        "the undriven vehicles",
+        Duration::from_secs(40),
+        "!document.querySelector('#h-alarm').hidden && document.querySelector('#h-alarm').innerText",
+    );
+    assert!(
+        alarm
+            .as_str()
+            .is_some_and(|t| t.starts_with("30 vehicles not driven for")),
+        "{alarm}"
+    );
+    let row = b.eval("document.querySelector('#agent-table tbody').innerText");
+    assert!(
+        row.as_str().is_some_and(|t| t.contains("30 not driven")),
+        "{row}"
+    );
+    let failed = b.wait_for(
+        "the run's failure",
+        Duration::from_secs(40),
+        "document.querySelector('#h-alarm').innerText.startsWith('Run failed') && document.querySelector('#h-alarm').innerText",
+    );
+    assert!(
+        failed
+            .as_str()
+            .is_some_and(|t| t.contains("agent crashy") && t.contains("crashed")),
+        "{failed}"
+    );
+    assert_eq!(
+        b.eval("document.querySelector('#h-state').innerText"),
+        "failed"
+    );
+    b.wait_for(
+        "the failure among the events",
+        Duration::from_secs(10),
+        "document.querySelector('#event-list').innerText.includes('failed: 30 vehicles of agent crashy')",
+    );
+}

@@ -203,6 +203,16 @@ function renderHeader(f) {
   text($('#h-delay'), p && p.delay_p95 !== null ? `delay p95 ${ms(p.delay_p95)} ms` : '');
   text($('#h-buffered'), p ? `${num(p.buffered)} / ${num(p.offline)}` : '–');
   text($('#h-dropped'), r ? `${num(r.dropped)} ticks dropped` : '');
+  text($('#h-restarts'), r ? `${num(r.restarts)} restarts · ${num(r.lease_expiries)} lease expiries` : '');
+  // Nothing stops silently: undriven vehicles and a failed run are said at the top.
+  const alarm = $('#h-alarm');
+  let say = '';
+  if (r && r.failure) say = `Run failed: ${r.failure}`;
+  else if (r && r.not_driven > 0 && r.not_driven_s >= 5) {
+    say = `${num(r.not_driven)} vehicles not driven for ${duration(r.not_driven_s)}`;
+  }
+  text(alarm, say);
+  alarm.hidden = !say;
   const running = r && r.state === 'running';
   $('#stop').disabled = !running;
 }
@@ -232,9 +242,11 @@ function renderAgents() {
     return `<tr class="${cls}" data-name="${escapeHtml(a.name)}">`
       + `<td>${escapeHtml(a.name)}${a.connected ? '' : ' (lost)'}</td><td>${escapeHtml(a.host || '')}</td>`
       + `<td>${num(a.cores)}</td><td>${num(a.memory_gib, 0)} GiB</td>`
-      + `<td>${a.up}/${a.restarting}/<span class="${a.failed ? 'bad' : ''}">${a.failed}</span> of ${a.planned}</td>`
+      + `<td>${a.up}/${a.restarting}/<span class="${a.failed ? 'bad' : ''}">${a.failed}</span> of ${a.planned}`
+      + `${a.not_driven ? ` <span class="bad" title="${escapeHtml(a.not_driven_cause)}">${num(a.not_driven)} not driven</span>` : ''}</td>`
+      + `<td>${num(a.restarts)}${a.lease_expiries ? ` <span class="bad">(${num(a.lease_expiries)} lease)</span>` : ''}</td>`
       + `<td>${num(a.vehicles)}</td><td>${num(a.msg_s, 1)}</td><td>${num(a.success, 2)}</td>`
-      + `<td>${ms(a.p95_ms)}</td><td>${sim}</td><td>${num(a.rss_mib, 0)}</td>`
+      + `<td>${ms(a.p95_ms)}</td><td>${sim}${a.starved ? ' <span class="bad">starved</span>' : ''}</td><td>${num(a.rss_mib, 0)}</td>`
       + `<td>${a.heartbeat_s_ago === null ? '–' : num(a.heartbeat_s_ago, 1) + ' s'}</td></tr>`;
   }).join('');
   const body = $('#agent-table tbody');
