@@ -7,8 +7,8 @@
 //!
 //! Run: `cargo build --release && cargo bench --bench capacity`
 //! (STEPS=10,50,100,150,200 percent of the recommended fleet; STEP_SECONDS=180 each, the 100 %
-//! step LONG_SECONDS=300). Writes bench/results/capacity.json, capacity.md (the table) and
-//! capacity.svg (the chart), and exits 1 when a check fails: at 100 % at least 99 % success
+//! step LONG_SECONDS=300). Writes bench/results/capacity.json and capacity.md (the table), the
+//! charts to docs/img/capacity.svg and capacity-cpu.svg, and exits 1 when a check fails: at 100 % at least 99 % success
 //! and no lease expiry; at 200 % a run that stays alive, says it is generator-limited, with no
 //! lease expiry and no restart. `REDRAW=1` redraws the table and charts from the last results.
 
@@ -305,8 +305,11 @@ fn write_results(dir: &std::path::Path, rec: u64, plan: &str, steps: &[Step], md
     let _ = std::fs::write(dir.join("capacity.md"), md);
     match charts(steps) {
         Ok((delivered, cpu)) => {
-            let _ = std::fs::write(dir.join("capacity.svg"), delivered);
-            let _ = std::fs::write(dir.join("capacity-cpu.svg"), cpu);
+            // The charts the README shows, kept in git beside the docs.
+            let img = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/img");
+            let _ = std::fs::create_dir_all(&img);
+            let _ = std::fs::write(img.join("capacity.svg"), delivered);
+            let _ = std::fs::write(img.join("capacity-cpu.svg"), cpu);
         }
         Err(e) => eprintln!("warning: no chart: {e}"),
     }
