@@ -6,10 +6,8 @@
 //! told what to run through a `watch` (the newest desired state wins), so this thread never
 //! waits on it.
 
-use crate::supervisor::Snapshot;
+use crate::links::{Desired, KeepAlive, Snapshot};
 use anyhow::{bail, Result};
-use std::collections::BTreeMap;
-use std::io::Write as _;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
@@ -22,54 +20,6 @@ use vtox::wire::PROTOCOL_MAJOR;
 /// How often the control thread wakes: to judge the lease, keep the simulators alive and
 /// measure its own lateness.
 const GUARD_PERIOD: Duration = Duration::from_millis(100);
-
-/// What the supervisor should run: the newest trusted assignment, how many lease expiries
-/// there have been (each one stops everything, even if the assignment did not change), and
-/// the lease (the simulators get half of it).
-#[derive(Debug, Clone)]
-pub struct Desired {
-    pub assignment: Option<Arc<pb::Assignment>>,
-    pub expiries: u64,
-    pub lease: Duration,
-}
-
-impl Default for Desired {
-    fn default() -> Self {
-        Desired {
-            assignment: None,
-            expiries: 0,
-            lease: crate::LEASE_BEFORE_JOIN,
-        }
-    }
-}
-
-/// The simulators' stdin pipes. A byte on each every eighth of the lease while the lease
-/// holds: if this thread dies or freezes, or the lease lapses, the bytes stop and every
-/// simulator stops itself within its own lease (half the agent's).
-#[derive(Clone, Default)]
-pub struct KeepAlive(Arc<Mutex<BTreeMap<u32, std::fs::File>>>);
-
-impl KeepAlive {
-    fn pipes(&self) -> MutexGuard<'_, BTreeMap<u32, std::fs::File>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    pub fn add(&self, pid: u32, pipe: std::fs::File) {
-        self.pipes().insert(pid, pipe);
-    }
-
-    pub fn remove(&self, pid: u32) {
-        self.pipes().remove(&pid);
-    }
-
-    fn beat(&self) {
-        for pipe in self.pipes().values_mut() {
-            // A full pipe (a simulator too busy to read) or a closed one (it exited) is fine:
-            // the next beat tries again, the supervisor removes the dead.
-            let _ = pipe.write(b".");
-        }
-    }
-}
 
 /// How to reach the coordinator and what to tell it.
 pub struct Session {
@@ -112,7 +62,7 @@ pub fn spawn(
 }
 
 async fn run(s: Session, links: Links, mut stop: watch::Receiver<bool>) -> Result<()> {
-    let lease = Arc::new(Mutex::new(Lease::new(crate::LEASE_BEFORE_JOIN)));
+    let lease = Arc::new(Mutex::new(Lease::new(vtox::agent::LEASE_BEFORE_JOIN)));
     let guard = tokio::spawn(guard(lease.clone(), links.clone()));
     let outcome = join_loop(&s, &lease, &links, &mut stop).await;
     guard.abort();

@@ -2,16 +2,15 @@
 //! instances it is assigned and streams their metrics back. One per host.
 
 mod control;
-mod launch;
+mod links;
+mod meter;
 mod supervisor;
-mod tally;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 
 /// Join a vtox coordinator and run the simulator instances it assigns to this host.
@@ -132,9 +131,6 @@ fn default_sim_bin() -> Result<PathBuf> {
     Ok(me.with_file_name("vtox-sim"))
 }
 
-/// The agent's lease before the coordinator told its own: what `serve` defaults to.
-pub(crate) const LEASE_BEFORE_JOIN: Duration = Duration::from_secs(5);
-
 async fn run(args: Args, url: String, sim_bin: PathBuf) -> Result<()> {
     let token = vtox::auth::load(args.token_file.as_deref(), std::env::var("VTOX_TOKEN").ok())?;
     let bearer = vtox::auth::Bearer::new(token.as_deref())?;
@@ -181,10 +177,12 @@ async fn run(args: Args, url: String, sim_bin: PathBuf) -> Result<()> {
         let _ = stop_tx.send(true);
     });
 
-    let health = Arc::new(Mutex::new(vtox::agent::Health::new(LEASE_BEFORE_JOIN)));
-    let keep_alive = control::KeepAlive::default();
-    let (snapshot_tx, snapshot_rx) = watch::channel(Arc::new(supervisor::Snapshot::default()));
-    let (desired_tx, desired_rx) = watch::channel(control::Desired::default());
+    let health = Arc::new(Mutex::new(vtox::agent::Health::new(
+        vtox::agent::LEASE_BEFORE_JOIN,
+    )));
+    let keep_alive = links::KeepAlive::default();
+    let (snapshot_tx, snapshot_rx) = watch::channel(Arc::new(links::Snapshot::default()));
+    let (desired_tx, desired_rx) = watch::channel(links::Desired::default());
     let (sup_tx, sup_rx) = mpsc::channel(4);
     let cfg = supervisor::Config {
         sim_bin,
@@ -246,7 +244,7 @@ async fn shutdown(tx: mpsc::Sender<supervisor::Command>, task: tokio::task::Join
 async fn serve_metrics(
     addr: std::net::SocketAddr,
     name: String,
-    snapshot: watch::Receiver<Arc<supervisor::Snapshot>>,
+    snapshot: watch::Receiver<Arc<links::Snapshot>>,
 ) -> Result<()> {
     vtox::process::serve_metrics(addr, move || {
         let (name, snapshot) = (name.clone(), snapshot.clone());

@@ -10,6 +10,13 @@
 
 use std::time::{Duration, Instant};
 
+pub mod launch;
+pub mod reconcile;
+pub mod tally;
+
+/// The agent's lease before its coordinator told its own: what `serve` defaults to.
+pub const LEASE_BEFORE_JOIN: Duration = Duration::from_secs(5);
+
 /// What to do with an assignment that arrived.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {

@@ -1,12 +1,11 @@
-//! How one simulator is launched and relaunched: its command line from the run spec (a pure
-//! function, so that the agent and `vtox-sim` agree on every flag), the crash backoff, and the
-//! processes' CPU and memory as `/proc` tells them.
+//! How one simulator is launched and relaunched: its command line from the run spec (so that
+//! the agent and `vtox-sim` agree on every flag) and the crash backoff.
 
+use crate::sim_args::SimArgs;
+use crate::wire::pb;
 use clap::Parser;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
-use vtox::sim_args::SimArgs;
-use vtox::wire::pb;
 
 /// Restart backoff: 1 s doubling to 30 s; a crash after five restarts within a minute marks
 /// the instance failed.
@@ -18,64 +17,6 @@ pub const RESTART_LIMIT: usize = 5;
 /// Crashes older than this no longer lengthen the backoff: an instance that ran quietly for
 /// ten minutes is restarted after 1 s again, as Kubernetes resets its crash backoff.
 const BACKOFF_MEMORY: Duration = Duration::from_secs(600);
-
-/// The simulators' own CPU use, measured from `/proc` of each child between snapshots, so
-/// that a verdict about the generator rests on the generator and not on whatever else the
-/// host runs (the backend itself, say).
-pub struct CpuMeter {
-    cores: u32,
-    ticks_per_s: f64,
-    last: Option<(Instant, BTreeMap<u32, u64>)>,
-    percent: Option<f64>,
-}
-
-impl CpuMeter {
-    pub fn new() -> CpuMeter {
-        // SAFETY: sysconf has no memory-safety preconditions.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-        CpuMeter {
-            cores: std::thread::available_parallelism()
-                .map(|n| n.get() as u32)
-                .unwrap_or(1),
-            ticks_per_s: if hz > 0 { hz as f64 } else { 100.0 },
-            last: None,
-            percent: None,
-        }
-    }
-
-    /// Measures the pids' CPU since the last measurement (at most twice a second: several
-    /// callers ask, and a short interval would be all noise).
-    pub fn measure(&mut self, pids: impl Iterator<Item = u32>, now: Instant) -> Option<f64> {
-        if self
-            .last
-            .as_ref()
-            .is_some_and(|(at, _)| now.duration_since(*at) < Duration::from_millis(500))
-        {
-            return self.percent;
-        }
-        let ticks: BTreeMap<u32, u64> = pids
-            .filter_map(|pid| {
-                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-                Some((pid, vtox::process::proc_stat_cpu_ticks(&stat)?))
-            })
-            .collect();
-        if let Some((at, before)) = &self.last {
-            // A process new since the last look started after it: all of its time counts.
-            let used: u64 = ticks
-                .iter()
-                .map(|(pid, t)| t.saturating_sub(before.get(pid).copied().unwrap_or(0)))
-                .sum();
-            self.percent = Some(vtox::process::cpu_share_percent(
-                used,
-                self.ticks_per_s,
-                now.duration_since(*at).as_secs_f64(),
-                self.cores,
-            ));
-        }
-        self.last = Some((now, ticks));
-        self.percent
-    }
-}
 
 /// The simulator's command line for one instance of a run, at Unix time `now`; None when the
 /// run's duration is already over (a restart late in a run has nothing left to drive).
@@ -136,7 +77,7 @@ pub fn sim_args(
             spec.id_template.clone()
         },
         run_start: Some(spec.run_start),
-        delivery: vtox::delivery::Delivery::parse(&spec.delivery).unwrap_or(defaults.delivery),
+        delivery: crate::delivery::Delivery::parse(&spec.delivery).unwrap_or(defaults.delivery),
         buffer: if spec.buffer > 0 {
             spec.buffer as usize
         } else {
@@ -175,14 +116,6 @@ pub fn restart_after(crashes: &mut VecDeque<Instant>, now: Instant) -> Option<Du
             .saturating_mul(1 << doublings)
             .min(BACKOFF_MAX),
     )
-}
-
-pub fn rss_of(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/statm"))
-        .ok()
-        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .map(|pages| pages * 4096)
-        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -235,7 +168,7 @@ mod tests {
         assert_eq!(a.target_ca, Some("/etc/vtox/backend-ca.pem".into()));
         assert_eq!(a.login_user.as_deref(), Some("fleet"));
         assert_eq!(a.auth_token_file, None);
-        assert_eq!(a.delivery, vtox::delivery::Delivery::AtMostOnce);
+        assert_eq!(a.delivery, crate::delivery::Delivery::AtMostOnce);
         assert_eq!((a.buffer, a.dropouts.as_deref()), (20, Some("5%/90s")));
         // What the agent passes is what the simulator parses.
         let back =
@@ -260,7 +193,7 @@ mod tests {
             ..open
         };
         let a = sim_args(&old, &inst, "host-a", 1030.0, Duration::from_secs(5)).unwrap();
-        assert_eq!(a.delivery, vtox::delivery::Delivery::StoreAndForward);
+        assert_eq!(a.delivery, crate::delivery::Delivery::StoreAndForward);
         assert_eq!((a.buffer, a.dropouts), (600, None));
     }
 

@@ -1,8 +1,9 @@
 //! The tally files of the agent's simulators: one per incarnation, named by everything a
 //! restarted agent needs to report it, holding the exact totals even of a killed process.
+//! Names and arithmetic only; the agent reads the files.
 
+use crate::wire::pb;
 use std::path::PathBuf;
-use vtox::wire::pb;
 
 /// Names the tally of one incarnation by everything a restarted agent needs to report it.
 #[derive(Debug, Clone, PartialEq)]
@@ -54,16 +55,10 @@ impl TallyKey {
     }
 }
 
-pub fn read_tally_file(path: &std::path::Path) -> Option<[u64; vtox::metrics::TALLY_SLOTS]> {
-    std::fs::read(path)
-        .ok()
-        .and_then(|b| vtox::metrics::read_tally(&b))
-}
-
 /// Raises the counters to a tally's totals (never lowers them: the tally may be from an
 /// incarnation that never got going).
-pub fn apply_tally(c: &mut pb::Counters, t: &[u64; vtox::metrics::TALLY_SLOTS]) {
-    use vtox::metrics::*;
+pub fn apply_tally(c: &mut pb::Counters, t: &[u64; crate::metrics::TALLY_SLOTS]) {
+    use crate::metrics::*;
     if t[TALLY_SENT] < c.sent {
         return;
     }
@@ -111,7 +106,7 @@ mod tests {
 
     #[test]
     fn a_tally_raises_counters_but_never_lowers_them() {
-        use vtox::metrics::*;
+        use crate::metrics::*;
         let mut t = [0u64; TALLY_SLOTS];
         t[TALLY_SENT] = 10;
         t[TALLY_ACCEPTED] = 9;
