@@ -15,7 +15,8 @@ use vtox::agent::launch::sim_args;
 use vtox::agent::reconcile::{Exit, Instances, Signal};
 use vtox::agent::tally::{apply_tally, TallyKey};
 use vtox::agent::{Health, Loop};
-use vtox::metrics::{SimReport, TALLY_SLOTS};
+use vtox::counters::SimReport;
+use vtox::metrics::TALLY_SLOTS;
 use vtox::wire::pb::{self, End, Phase};
 
 /// The supervisor's own period: spawns that are due, overstaying processes, its statuses.

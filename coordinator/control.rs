@@ -1222,16 +1222,16 @@ impl StatusSnapshot {
                 .filter(|s| s.phase == pb::Phase::Running as i32)
                 .count() as u32;
             // The gauges describe what runs now, not the sum of every incarnation.
-            let now = |read: fn(&pb::Counters) -> u64| -> u64 {
-                current
+            for d in vtox::counters::DEFS
+                .iter()
+                .filter(|d| d.kind == vtox::counters::Kind::Gauge)
+            {
+                *(d.get_mut)(&mut agent_totals) = current
                     .values()
                     .filter_map(|s| s.counters.as_ref())
-                    .map(read)
-                    .sum()
-            };
-            agent_totals.active_vehicles = now(|c| c.active_vehicles);
-            agent_totals.buffered = now(|c| c.buffered);
-            agent_totals.offline = now(|c| c.offline);
+                    .map(d.get)
+                    .sum();
+            }
             // Delays and ages at delivery are judged fleet-wide only: merged straight into the
             // fleet's sums, never kept per agent.
             for s in &a.reports {
@@ -1337,49 +1337,10 @@ fn supervision(
 /// Instance lists travel without their histograms: the agent totals carry the merged one.
 fn strip_histogram(s: &pb::InstanceStatus) -> pb::InstanceStatus {
     pb::InstanceStatus {
+        counters: s.counters.as_ref().map(pb::Counters::without_histograms),
         run_id: s.run_id.clone(),
-        index: s.index,
-        first_vehicle: s.first_vehicle,
-        vehicles: s.vehicles,
-        phase: s.phase,
-        restarts: s.restarts,
-        incarnation: s.incarnation,
-        counters: s.counters.as_ref().map(|c| pb::Counters {
-            sent: c.sent,
-            accepted: c.accepted,
-            failed: c.failed,
-            dropped: c.dropped,
-            bytes: c.bytes,
-            timeouts: c.timeouts,
-            late_accepted: c.late_accepted,
-            timeouts_unsent: c.timeouts_unsent,
-            connect_errors: c.connect_errors,
-            status: c.status.clone(),
-            elapsed_s: c.elapsed_s,
-            max_lag_ms: c.max_lag_ms,
-            latency_hdr: Vec::new(),
-            latency_summary: None,
-            active_vehicles: c.active_vehicles,
-            bad_lines: c.bad_lines,
-            dropped_busy: c.dropped_busy,
-            connections: c.connections,
-            protocol_errors: c.protocol_errors,
-            tls_errors: c.tls_errors,
-            logins: c.logins,
-            produced: c.produced,
-            buffered: c.buffered,
-            retried: c.retried,
-            buffer_dropped: c.buffer_dropped,
-            delivered_late: c.delivered_late,
-            resent_after_timeout: c.resent_after_timeout,
-            discarded: c.discarded,
-            offline: c.offline,
-            offline_ticks: c.offline_ticks,
-            delay_hdr: Vec::new(),
-            late_age_hdr: Vec::new(),
-        }),
         last_error: s.last_error.clone(),
-        end: s.end,
+        ..*s
     }
 }
 

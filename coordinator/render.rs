@@ -235,7 +235,7 @@ impl LiveView {
             let _ = write!(
                 text,
                 "  buffered {}  offline vehicles {}",
-                t.buffered, t.offline
+                t.buffered, t.offline_vehicles
             );
         }
         if let Some((_, _, p99, _)) = delay_percentiles(&t) {
@@ -476,39 +476,38 @@ fn delivery_line(t: &pb::Counters) -> String {
     parts.join(", ")
 }
 
+/// The counters as JSON: every row of the counter table by its name, the status codes, the
+/// success rate and the percentiles of latency and delay.
 pub(crate) fn counters_json(c: &pb::Counters) -> Value {
     let (p50, p95, p99, max) = percentiles(c);
     let delay = delay_percentiles(c).map(
         |(p50, p95, p99, max)| json!({"p50_ms": p50, "p95_ms": p95, "p99_ms": p99, "max_ms": max}),
     );
-    json!({
-        "sent": c.sent,
-        "accepted": c.accepted,
-        "failed": c.failed,
-        "dropped": c.dropped,
-        "bytes": c.bytes,
-        "timeouts": c.timeouts,
-        "late_accepted": c.late_accepted,
-        "timeouts_unsent": c.timeouts_unsent,
-        "connect_errors": c.connect_errors,
-        "protocol_errors": c.protocol_errors,
-        "tls_errors": c.tls_errors,
-        "logins": c.logins,
-        "status": c.status.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
-        "bad_lines": c.bad_lines,
-        "success_percent": c.success_percent(),
-        "p50_ms": p50, "p95_ms": p95, "p99_ms": p99, "max_ms": max,
-        "delay": delay,
-        "produced": c.produced,
-        "buffered": c.buffered,
-        "retried": c.retried,
-        "buffer_dropped": c.buffer_dropped,
-        "delivered_late": c.delivered_late,
-        "resent_after_timeout": c.resent_after_timeout,
-        "discarded": c.discarded,
-        "offline_vehicles": c.offline,
-        "offline_ticks": c.offline_ticks,
-    })
+    let mut out: serde_json::Map<String, Value> = vtox::counters::DEFS
+        .iter()
+        .map(|d| (d.name.to_string(), json!((d.get)(c))))
+        .collect();
+    out.insert(
+        "status".into(),
+        Value::Object(
+            c.status
+                .iter()
+                .map(|(k, v)| (k.to_string(), json!(v)))
+                .collect(),
+        ),
+    );
+    for (k, v) in [
+        ("success_percent", json!(c.success_percent())),
+        ("p50_ms", json!(p50)),
+        ("p95_ms", json!(p95)),
+        ("p99_ms", json!(p99)),
+        ("max_ms", json!(max)),
+        ("delay", json!(delay)),
+        ("max_lag_ms", json!(c.max_lag_ms)),
+    ] {
+        out.insert(k.into(), v);
+    }
+    Value::Object(out)
 }
 
 pub(crate) fn phase_name(p: i32) -> &'static str {

@@ -445,7 +445,7 @@ async fn agent(
                 "failed": c.failed,
                 "dropped": c.dropped,
                 "buffered": c.buffered,
-                "offline": c.offline,
+                "offline": c.offline_vehicles,
                 "connections": c.connections,
                 "max_lag_ms": c.max_lag_ms,
             })

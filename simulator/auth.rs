@@ -2,9 +2,10 @@
 //! obtained by logging in and renewed once when the backend answers 401. Tokens and passwords
 //! are never logged.
 
-use crate::lanes::{open, TlsTarget};
+use crate::counters::Counters;
+use crate::stream::{open, TlsTarget};
 use anyhow::{anyhow, bail, Result};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -31,15 +32,6 @@ impl Tokens {
             Tokens::Login(l) => l.current(),
         }
     }
-
-    /// Longest token, to size request buffers once.
-    pub fn max_len(&self) -> usize {
-        match self {
-            Tokens::Shared(t) => t.len(),
-            Tokens::PerVehicle(v) => v.iter().map(|t| t.len()).max().unwrap_or(0),
-            Tokens::Login(l) => l.current().1.len(),
-        }
-    }
 }
 
 /// Where and as whom to log in.
@@ -61,8 +53,8 @@ pub struct Login {
     spec: LoginSpec,
     current: Mutex<(u64, Arc<str>)>,
     renewing: AtomicBool,
-    /// Logins done (the first one included), for the metric line.
-    pub logins: Arc<AtomicU64>,
+    /// Where the logins done (the first one included) are counted.
+    counters: Arc<Counters>,
 }
 
 /// A failed renewal waits this long before another 401 may start one: a login service that is
@@ -74,15 +66,15 @@ const MAX_ANSWER: usize = 256 * 1024;
 
 impl Login {
     /// Logs in for the first time; the run does not start without a token.
-    pub async fn start(spec: LoginSpec, logins: Arc<AtomicU64>) -> Result<Arc<Login>> {
+    pub async fn start(spec: LoginSpec, counters: Arc<Counters>) -> Result<Arc<Login>> {
         let token = fetch(&spec).await?;
-        logins.fetch_add(1, Relaxed);
+        counters.add(vtox::counters::Counter::Logins, 1);
         tracing::info!(login = %spec.base, user = %spec.user, "logged in");
         Ok(Arc::new(Login {
             spec,
             current: Mutex::new((0, Arc::from(token))),
             renewing: AtomicBool::new(false),
-            logins,
+            counters,
         }))
     }
 
@@ -104,7 +96,7 @@ impl Login {
         tokio::spawn(async move {
             match fetch(&this.spec).await {
                 Ok(token) => {
-                    this.logins.fetch_add(1, Relaxed);
+                    this.counters.add(vtox::counters::Counter::Logins, 1);
                     match this.current.lock() {
                         Ok(mut c) => *c = (generation + 1, Arc::from(token)),
                         Err(poisoned) => {

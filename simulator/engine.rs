@@ -1,200 +1,42 @@
 //! The sending engine: one scheduler task walks a timer wheel of per-vehicle deadlines, makes
 //! each vehicle's message at its tick and hands it to a pooled HTTP/1.1 client; a reporter
 //! task prints the cumulative counters. One scheduler (not a task per vehicle) keeps 100,000
-//! vehicles to a few tens of megabytes and keeps each delivery rule in one place: at most
-//! once (send now or drop), or store-and-forward (each vehicle's `Modem` decides what goes
-//! out when; the lanes tell it every outcome).
+//! vehicles to a few tens of megabytes. At most once, a tick is sent now or dropped;
+//! store-and-forward, `vtox::delivery::forward::Forwarder` decides what goes out when, and the
+//! lanes tell it every outcome.
 
 use crate::auth::{Login, Tokens};
-use crate::{AuthSource, Config};
+use crate::config::{AuthSource, Config};
+use crate::counters::Counters;
+use crate::lanes::{Done, LaneConfig, Lanes};
+use crate::maker::{Clock, Maker, Vehicle};
 use anyhow::Result;
-use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, VecDeque};
 use std::io::Write;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
-use tokio::sync::watch;
-use vtox::delivery::{backoff, Delivery, Modem, Pending, Settled};
+use tokio::sync::{mpsc, watch};
+use vtox::counters::Counter;
+use vtox::counters::SimReport;
+use vtox::delivery::forward::{Forwarder, Uplink};
+use vtox::delivery::{Delivery, Pending};
 use vtox::fleet::model_of;
-use vtox::ingest::{
-    simulator_path, unix_secs, vehicle_path, BodyTemplate, IsoStamp, MessageFields,
-};
-use vtox::metrics::{Failures, Latency, SimReport};
-use vtox::schedule::TimerWheel;
-use vtox::telemetry::{Sample, VehicleModel};
+use vtox::ingest::{simulator_path, unix_secs, vehicle_path, BodyTemplate, IsoStamp};
+use vtox::schedule::{Schedule, TimerWheel};
+use vtox::telemetry::VehicleModel;
 
-use crate::lanes::{Done, Job, LaneConfig, Lanes};
-use crate::tally::{self, Tally};
-use vtox::http1::RequestBuf;
+/// Why the schedule stopped (none while it runs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// SIGINT or SIGTERM.
+    Signal,
+    /// The agent went quiet or away (stdin silent past the lease, or closed).
+    LeaseLost,
+}
 
 /// Most ticks handled before the scheduler yields, so that response handling on the same
 /// core is never starved by a long burst of due ticks.
 const BURST: usize = 64;
-
-struct Vehicle {
-    model: VehicleModel,
-    template: BodyTemplate,
-    /// Request target in origin form: the path and query; the Host header names the target.
-    path: Box<str>,
-    next_k: u64,
-    /// Store-and-forward: the vehicle's buffer and upload.
-    modem: Modem,
-    /// Waiting in the queue for a free connection.
-    waiting_lane: bool,
-    /// Out of coverage when last looked at.
-    offline: bool,
-}
-
-/// Counters shared by the scheduler, the lanes and the reporter.
-#[derive(Default)]
-pub struct Counters {
-    pub sent: AtomicU64,
-    pub accepted: AtomicU64,
-    pub dropped: AtomicU64,
-    /// Of `dropped`: ticks that found every connection busy.
-    pub dropped_busy: AtomicU64,
-    /// Lanes opened so far: each holds at most one connection, and lanes are never closed, so
-    /// this is the most connections the instance has had open at once.
-    pub lanes: AtomicU64,
-    pub bytes: AtomicU64,
-    pub in_flight: AtomicU64,
-    pub timeout: AtomicU64,
-    /// Of `timeout`: the request never went out whole.
-    pub timeout_unsent: AtomicU64,
-    /// Timed-out requests the target answered 200 after all (within `--late-window`).
-    pub late_accepted: AtomicU64,
-    /// Timed-out connections still watched for a late answer.
-    pub late_pending: AtomicU64,
-    pub connect: AtomicU64,
-    pub protocol: AtomicU64,
-    pub tls: AtomicU64,
-    pub active: AtomicU64,
-    /// Logins done with `--login` (the first and each renewal).
-    pub logins: Arc<AtomicU64>,
-    pub max_lag_us: AtomicU64,
-    pub produced: AtomicU64,
-    pub buffered: AtomicU64,
-    pub retried: AtomicU64,
-    pub buffer_dropped: AtomicU64,
-    pub delivered_late: AtomicU64,
-    pub resent_after_timeout: AtomicU64,
-    pub discarded: AtomicU64,
-    pub offline_ticks: AtomicU64,
-    status: Mutex<BTreeMap<u16, u64>>,
-    histograms: Mutex<Histograms>,
-    /// The crash-proof copy of the totals, when `--tally` is given.
-    pub tally: Option<Tally>,
-}
-
-/// The histograms, under one lock: an answer records into two or three of them at once.
-#[derive(Default)]
-struct Histograms {
-    latency: Latency,
-    delay: Latency,
-    late_age: Latency,
-}
-
-impl Counters {
-    fn snapshot(&self, cfg: &Config, started: Instant, is_final: bool) -> SimReport {
-        let (latency, delay, late_age) = {
-            let h = match self.histograms.lock() {
-                Ok(h) => h,
-                Err(poisoned) => poisoned.into_inner(),
-            };
-            (h.latency.clone(), h.delay.clone(), h.late_age.clone())
-        };
-        let status = match self.status.lock() {
-            Ok(s) => s.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        };
-        let failures = Failures {
-            status,
-            timeout: self.timeout.load(Relaxed),
-            timeout_unsent: self.timeout_unsent.load(Relaxed),
-            connect: self.connect.load(Relaxed),
-            protocol: self.protocol.load(Relaxed),
-            tls: self.tls.load(Relaxed),
-        };
-        SimReport {
-            is_final,
-            agent: cfg.agent.clone(),
-            instance: cfg.args.instance,
-            first_vehicle: cfg.args.first_vehicle,
-            vehicles: cfg.args.vehicles,
-            ts: unix_secs(SystemTime::now()),
-            elapsed_s: started.elapsed().as_secs_f64(),
-            sent: self.sent.load(Relaxed),
-            accepted: self.accepted.load(Relaxed),
-            late_accepted: self.late_accepted.load(Relaxed),
-            failed: failures.total(),
-            failures,
-            dropped: self.dropped.load(Relaxed),
-            dropped_busy: self.dropped_busy.load(Relaxed),
-            connections: self.lanes.load(Relaxed) + self.late_pending.load(Relaxed),
-            logins: self.logins.load(Relaxed),
-            bytes: self.bytes.load(Relaxed),
-            active_vehicles: self.active.load(Relaxed),
-            in_flight: self.in_flight.load(Relaxed),
-            max_lag_ms: self.max_lag_us.swap(0, Relaxed) as f64 / 1000.0,
-            p50_ms: latency.quantile_ms(0.50),
-            p95_ms: latency.quantile_ms(0.95),
-            p99_ms: latency.quantile_ms(0.99),
-            max_ms: latency.max_ms(),
-            latency: latency.encode(),
-            produced: self.produced.load(Relaxed),
-            buffered: self.buffered.load(Relaxed),
-            retried: self.retried.load(Relaxed),
-            buffer_dropped: self.buffer_dropped.load(Relaxed),
-            delivered_late: self.delivered_late.load(Relaxed),
-            resent_after_timeout: self.resent_after_timeout.load(Relaxed),
-            discarded: self.discarded.load(Relaxed),
-            offline: offline_now(cfg),
-            offline_ticks: self.offline_ticks.load(Relaxed),
-            delay_p50_ms: delay.quantile_ms(0.50),
-            delay_p95_ms: delay.quantile_ms(0.95),
-            delay_p99_ms: delay.quantile_ms(0.99),
-            delay: delay.encode(),
-            late_age: late_age.encode(),
-        }
-    }
-
-    /// An answer (of any status) to `job`: its service time, its delay since the message was
-    /// due, and for a buffered message that was accepted, its age at delivery.
-    pub fn record_answer(&self, job: &Job, status: u16) {
-        let now = Instant::now();
-        let us = |since: Instant| now.saturating_duration_since(since).as_micros() as u64;
-        let late = job.waited && status == 200;
-        {
-            let mut h = match self.histograms.lock() {
-                Ok(h) => h,
-                Err(poisoned) => poisoned.into_inner(),
-            };
-            h.latency.record_us(us(job.created));
-            h.delay.record_us(us(job.due));
-            if late {
-                h.late_age.record_us(us(job.due));
-            }
-        }
-        if late {
-            self.delivered_late.fetch_add(1, Relaxed);
-            self.tally(tally::TALLY_DELIVERED_LATE, 1);
-        }
-    }
-
-    pub fn tally(&self, slot: usize, n: u64) {
-        if let Some(t) = &self.tally {
-            t.add(slot, n);
-        }
-    }
-
-    pub fn record_status(&self, code: u16) {
-        match self.status.lock() {
-            Ok(mut s) => *s.entry(code).or_default() += 1,
-            Err(poisoned) => *poisoned.into_inner().entry(code).or_default() += 1,
-        }
-    }
-}
 
 /// Vehicles of the slice out of coverage now: exact, as outages are a pure function of the
 /// vehicle and the time (100,000 vehicles take about a millisecond).
@@ -220,376 +62,168 @@ fn emit(report: &SimReport) {
     }
 }
 
+fn snapshot(counters: &Counters, cfg: &Config, started: Instant, is_final: bool) -> SimReport {
+    let who = crate::counters::Who {
+        agent: cfg.agent.clone(),
+        instance: cfg.args.instance,
+        first_vehicle: cfg.args.first_vehicle,
+        vehicles: cfg.args.vehicles,
+    };
+    counters.snapshot(&who, started, is_final, offline_now(cfg))
+}
+
 /// The final line of a run stopped before it sent anything.
 fn finish_early(cfg: &Config) -> Result<()> {
-    emit(&Counters::default().snapshot(cfg, Instant::now(), true));
+    emit(&snapshot(&Counters::default(), cfg, Instant::now(), true));
     Ok(())
 }
 
-/// Times of the run: `ns` are nanoseconds since the run start, as the schedule counts them.
-#[derive(Clone, Copy)]
-struct Clock {
-    origin: Instant,
-    /// Nanoseconds since the run start at `origin`; negative when the run starts later.
-    origin_rel_ns: i64,
-    /// The run start as Unix seconds.
-    start_unix: f64,
+/// The connections as the forwarder sees them: a message goes out as a request the maker
+/// builds for its vehicle.
+struct Up<'a> {
+    vehicles: &'a [Vehicle],
+    maker: &'a mut Maker,
+    lanes: &'a mut Lanes,
+    counters: &'a Counters,
+    schedule: &'a Schedule,
+    first: u64,
 }
 
-impl Clock {
-    fn now_ns(&self) -> i64 {
-        self.origin_rel_ns + self.origin.elapsed().as_nanos() as i64
+impl Up<'_> {
+    fn count_sent(&self, body_len: usize) {
+        self.counters.add(Counter::Sent, 1);
+        self.counters.add(Counter::Bytes, body_len as u64);
     }
 
-    /// The instant `ns` after the run start.
-    fn instant(&self, ns: i64) -> Instant {
-        let d = ns - self.origin_rel_ns;
-        if d >= 0 {
-            self.origin + Duration::from_nanos(d as u64)
-        } else {
-            self.origin
-                .checked_sub(Duration::from_nanos(d.unsigned_abs()))
-                .unwrap_or(self.origin)
+    fn due_ns(&self, idx: u32, seq: u64) -> i64 {
+        (self.schedule.tick_time(self.first + u64::from(idx), seq) * 1e9) as i64
+    }
+}
+
+impl Uplink for Up<'_> {
+    fn has_room(&self) -> bool {
+        self.lanes.has_room()
+    }
+
+    fn send(&mut self, idx: u32, p: &Pending, waited: bool) -> bool {
+        let due_ns = self.due_ns(idx, p.seq);
+        let Some(v) = self.vehicles.get(idx as usize) else {
+            return false;
+        };
+        let (job, body_len) = self
+            .maker
+            .job(v, idx, p.seq, due_ns, f64::from(p.temp_c), waited);
+        match self.lanes.dispatch(job) {
+            Ok(()) => {
+                self.count_sent(body_len);
+                true
+            }
+            Err(_) => false,
         }
     }
-}
 
-/// What the scheduler needs to make and send a message.
-struct Maker {
-    cfg: Arc<Config>,
-    clock: Clock,
-    tokens: Option<Tokens>,
-    fs: f64,
-    points: usize,
-    /// From the first sample of a message to its last: a message made at its tick carries
-    /// the samples of the batch that just ended.
-    batch_span_ns: i64,
-    samples: Vec<Sample>,
-    body_cap: usize,
-    sent_at: IsoStamp,
-    made_at: IsoStamp,
-}
-
-impl Maker {
-    /// The job of sending message `seq` of vehicle `idx`, made at its scheduled time `due_ns`
-    /// with winding temperature `temp_c`, and its body's length; `waited` when it did not go
-    /// out as it was made (its `timestamp` is then when it was made, not when it was sent).
-    fn job(
-        &mut self,
-        v: &Vehicle,
-        idx: u32,
-        seq: u64,
-        due_ns: i64,
-        temp_c: f64,
-        waited: bool,
-    ) -> (Job, usize) {
-        let t_rel_ns = due_ns - self.batch_span_ns;
-        let t_rel = t_rel_ns as f64 / 1e9;
-        let t_abs = self.clock.start_unix + t_rel;
-        let truth = v.model.render(
-            seq,
-            t_rel,
-            t_abs,
-            temp_c,
-            self.fs,
-            self.points,
-            &mut self.samples,
-        );
-        let sent_at = self.sent_at.at(SystemTime::now());
-        let made_at = if waited {
-            let made = (self.clock.start_unix + due_ns as f64 / 1e9).max(0.0);
-            self.made_at
-                .at(SystemTime::UNIX_EPOCH + Duration::from_secs_f64(made))
-        } else {
-            sent_at
-        };
-        let fields = MessageFields {
-            seq,
-            fault_type: truth.kind.as_str(),
-            fault_severity: truth.severity,
-            sent_at,
-            made_at,
-            sampling_rate: self.cfg.args.sampling_rate,
-        };
-        let token = self.tokens.as_ref().map(|t| t.token(idx as usize));
-        let token_len = token.as_ref().map_or(0, |(_, t)| t.len() + 24);
-        let mut req = RequestBuf::new(
-            self.body_cap,
-            v.path.len(),
-            self.cfg.authority.len() + token_len,
-        );
-        v.template.write(req.body(), &self.samples, &fields);
-        let body_len = req.body_len();
-        self.body_cap = self.body_cap.max(body_len + 64);
-        let (bytes, start) = req.finish_with_bearer(
-            &v.path,
-            &self.cfg.authority,
-            token.as_ref().map(|(_, t)| &**t),
-        );
-        let job = Job {
-            bytes,
-            start,
-            created: Instant::now(),
-            due: self.clock.instant(due_ns),
-            vehicle: idx,
-            waited,
-            auth_gen: token.map_or(0, |(g, _)| g),
-        };
-        (job, body_len)
+    fn count(&mut self, c: Counter, n: u64) {
+        self.counters.add(c, n);
     }
-}
-
-/// Store-and-forward bookkeeping across the fleet: what waits for a time (a retry, a return
-/// to coverage) and what waits for a connection.
-#[derive(Default)]
-struct Forwarding {
-    /// (ns since the run start, vehicle): when to look at a vehicle again.
-    wakes: BinaryHeap<Reverse<(i64, u32)>>,
-    /// Vehicles with a message ready and no free connection, first come first served.
-    lane_wait: VecDeque<u32>,
-    buffered: u64,
 }
 
 struct Engine {
     vehicles: Vec<Vehicle>,
     first: u64,
-    seed: u64,
-    buffer: usize,
-    dropouts: Option<vtox::dropouts::Dropouts>,
-    schedule: vtox::schedule::Schedule,
+    schedule: Schedule,
     counters: Arc<Counters>,
     lanes: Lanes,
     maker: Maker,
-    fwd: Forwarding,
+    /// Store-and-forward; None at most once.
+    forward: Option<Forwarder>,
 }
 
 impl Engine {
-    fn due_ns(&self, idx: u32, seq: u64) -> i64 {
-        (self.schedule.tick_time(self.first + idx as u64, seq) * 1e9) as i64
-    }
-
-    /// At most once: the message of tick `seq` goes out now, or is dropped.
-    fn send_at_most_once(&mut self, idx: u32, seq: u64, due_ns: i64) {
-        if !self.lanes.has_room() {
-            self.drop_busy();
-            return;
-        }
-        let v = &mut self.vehicles[idx as usize];
-        let temp_c = v
-            .model
-            .advance((due_ns - self.maker.batch_span_ns) as f64 / 1e9);
-        let (job, body_len) = self.maker.job(v, idx, seq, due_ns, temp_c, false);
-        match self.lanes.dispatch(job) {
-            Ok(()) => self.count_sent(body_len),
-            Err(_) => self.drop_busy(),
-        }
-    }
-
-    fn drop_busy(&self) {
-        let c = &self.counters;
-        c.dropped.fetch_add(1, Relaxed);
-        c.dropped_busy.fetch_add(1, Relaxed);
-        c.tally(tally::TALLY_DROPPED, 1);
-    }
-
-    fn count_sent(&self, body_len: usize) {
-        let c = &self.counters;
-        c.sent.fetch_add(1, Relaxed);
-        c.bytes.fetch_add(body_len as u64, Relaxed);
-        c.tally(tally::TALLY_SENT, 1);
-        c.tally(tally::TALLY_BYTES, body_len as u64);
-    }
-
-    /// Store-and-forward: the message of tick `seq` goes into its vehicle's buffer, and out at
-    /// once if the vehicle may send.
-    fn make(&mut self, idx: u32, seq: u64, due_ns: i64, now_ns: i64) {
-        let online = self.coverage(idx, due_ns);
-        let c = &self.counters;
-        if !online {
-            c.offline_ticks.fetch_add(1, Relaxed);
-            c.tally(tally::TALLY_OFFLINE_TICKS, 1);
-        }
-        let v = &mut self.vehicles[idx as usize];
-        let temp_c = v
-            .model
-            .advance((due_ns - self.maker.batch_span_ns) as f64 / 1e9);
-        let dropped = v.modem.produce(
-            Pending {
-                seq,
-                temp_c: temp_c as f32,
-                attempts: 0,
-                unknown: false,
+    /// Splits the engine into the forwarder and the connections it sends through.
+    fn split(&mut self) -> (Option<&mut Forwarder>, Up<'_>) {
+        (
+            self.forward.as_mut(),
+            Up {
+                vehicles: &self.vehicles,
+                maker: &mut self.maker,
+                lanes: &mut self.lanes,
+                counters: &self.counters,
+                schedule: &self.schedule,
+                first: self.first,
             },
-            self.buffer,
-        );
-        self.fwd.buffered = self.fwd.buffered + 1 - dropped;
-        if dropped > 0 {
-            c.buffer_dropped.fetch_add(dropped, Relaxed);
-            c.tally(tally::TALLY_BUFFER_DROPPED, dropped);
-        }
-        self.try_send(idx, now_ns, Some(seq), false);
+        )
     }
 
-    /// Whether vehicle `idx` has coverage at `ns`; when it just lost coverage, asks to be
-    /// woken on its return.
-    fn coverage(&mut self, idx: u32, ns: i64) -> bool {
-        let Some(d) = &self.dropouts else {
-            return true;
+    /// The tick `k` of vehicle `idx`, due at `due_ns`, reached at `now_ns`.
+    fn tick(&mut self, idx: u32, k: u64, due_ns: i64, now_ns: i64) {
+        let span = self.maker.batch_span_ns;
+        let Some(v) = self.vehicles.get_mut(idx as usize) else {
+            return;
         };
-        let v = &mut self.vehicles[idx as usize];
-        match d.offline_until(self.first + idx as u64, ns as f64 / 1e9) {
-            Some(back) => {
-                if !v.offline {
-                    v.offline = true;
-                    self.fwd.wakes.push(Reverse(((back * 1e9) as i64 + 1, idx)));
-                }
-                false
-            }
+        let temp_c = v.model.advance((due_ns - span) as f64 / 1e9);
+        let (forward, mut up) = self.split();
+        match forward {
+            Some(f) => f.make(idx, k, temp_c, due_ns, now_ns, &mut up),
             None => {
-                v.offline = false;
-                true
-            }
-        }
-    }
-
-    /// Sends vehicle `idx`'s next buffered message if it may: nothing in flight, not backing
-    /// off, in coverage, and a connection free (else it queues for one, behind those already
-    /// queued unless `from_queue`). `fresh` is the seq just made: that one has not waited.
-    fn try_send(&mut self, idx: u32, now_ns: i64, fresh: Option<u64>, from_queue: bool) {
-        {
-            let v = &self.vehicles[idx as usize];
-            if v.modem.in_flight() || v.modem.is_empty() || v.waiting_lane && !from_queue {
-                return;
-            }
-            if v.modem.retry_at().is_some_and(|t| t > now_ns) {
-                return;
-            }
-        }
-        if !self.coverage(idx, now_ns) {
-            return;
-        }
-        if !self.lanes.has_room() || (!from_queue && !self.fwd.lane_wait.is_empty()) {
-            let v = &mut self.vehicles[idx as usize];
-            if !v.waiting_lane {
-                v.waiting_lane = true;
-                self.fwd.lane_wait.push_back(idx);
-            }
-            return;
-        }
-        let v = &mut self.vehicles[idx as usize];
-        v.waiting_lane = false;
-        let Some(p) = v.modem.take(now_ns) else {
-            return;
-        };
-        self.fwd.buffered -= 1;
-        let waited = p.attempts > 0 || fresh != Some(p.seq);
-        let c = &self.counters;
-        if p.attempts > 0 {
-            c.retried.fetch_add(1, Relaxed);
-            c.tally(tally::TALLY_RETRIED, 1);
-        }
-        if p.unknown {
-            c.resent_after_timeout.fetch_add(1, Relaxed);
-            c.tally(tally::TALLY_RESENT, 1);
-        }
-        let due_ns = self.due_ns(idx, p.seq);
-        let v = &self.vehicles[idx as usize];
-        let (job, body_len) = self
-            .maker
-            .job(v, idx, p.seq, due_ns, f64::from(p.temp_c), waited);
-        match self.lanes.dispatch(job) {
-            Ok(()) => self.count_sent(body_len),
-            // Room was checked just before; should a lane be gone, the message waits for a
-            // retry like any that could not go out.
-            Err(_) => self.settle(idx, vtox::delivery::Outcome::Broken, now_ns),
-        }
-    }
-
-    /// The answer to vehicle `idx`'s upload.
-    fn settle(&mut self, idx: u32, outcome: vtox::delivery::Outcome, now_ns: i64) {
-        let (seed, n) = (self.seed, self.first + idx as u64);
-        let v = &mut self.vehicles[idx as usize];
-        match v.modem.settle(outcome, now_ns, |p| {
-            backoff(seed, n, p.seq, u32::from(p.attempts))
-        }) {
-            Some(Settled::Delivered(_)) | None => {}
-            Some(Settled::Discarded(_)) => {
-                self.counters.discarded.fetch_add(1, Relaxed);
-                self.counters.tally(tally::TALLY_DISCARDED, 1);
-            }
-            Some(Settled::RetryAt(at)) => {
-                self.fwd.buffered += 1;
-                self.fwd.wakes.push(Reverse((at, idx)));
+                // At most once: the message goes out now, or is dropped.
+                let sent = up.has_room()
+                    && up.send(
+                        idx,
+                        &Pending {
+                            seq: k,
+                            temp_c: temp_c as f32,
+                            attempts: 0,
+                            unknown: false,
+                        },
+                        false,
+                    );
+                if !sent {
+                    up.count(Counter::Dropped, 1);
+                    up.count(Counter::DroppedBusy, 1);
+                }
             }
         }
     }
 
     fn done(&mut self, d: Done, now_ns: i64) {
-        self.settle(d.vehicle, d.outcome, now_ns);
-        self.serve_lane_wait(now_ns);
-        self.try_send(d.vehicle, now_ns, None, false);
-    }
-
-    /// Vehicles queued for a connection get the free ones, in order.
-    fn serve_lane_wait(&mut self, now_ns: i64) {
-        while self.lanes.has_room() {
-            let Some(idx) = self.fwd.lane_wait.pop_front() else {
-                break;
-            };
-            self.try_send(idx, now_ns, None, true);
-            // Sent, or no longer able to send (backing off, offline): either way off the queue.
-            self.vehicles[idx as usize].waiting_lane = false;
+        if let (Some(f), mut up) = self.split() {
+            f.done(d.vehicle, d.outcome, now_ns, &mut up);
         }
     }
 
-    /// Vehicles whose backoff or outage ended by `now_ns`.
     fn wake_due(&mut self, now_ns: i64) {
-        while let Some(&Reverse((at, idx))) = self.fwd.wakes.peek() {
-            if at > now_ns {
-                break;
-            }
-            self.fwd.wakes.pop();
-            self.try_send(idx, now_ns, None, false);
+        if let (Some(f), mut up) = self.split() {
+            f.wake_due(now_ns, &mut up);
         }
     }
 
     fn publish(&self) {
-        self.counters.buffered.store(self.fwd.buffered, Relaxed);
+        if let Some(f) = &self.forward {
+            self.counters.c.store(Counter::Buffered, f.buffered());
+        }
     }
 }
 
-pub async fn run(mut cfg: Config, mut stop: watch::Receiver<bool>) -> Result<()> {
-    let auth = cfg.auth.take();
-    let cfg = Arc::new(cfg);
-    let args = &cfg.args;
-
-    let schedule = cfg.schedule;
-    let interval_ns = (schedule.interval_s() * 1e9) as i64;
+/// The run's clock, anchored at the run start (which may lie ahead: a coordinated start).
+fn clock_of(cfg: &Config) -> Clock {
     let origin = Instant::now();
-    // Seconds since the run start at `origin`; negative when the run starts in the future.
+    // Nanoseconds since the run start at `origin`; negative when the run starts in the future.
     let origin_rel_ns: i64 = match SystemTime::now().duration_since(cfg.run_start) {
         Ok(d) => d.as_nanos() as i64,
         Err(e) => -(e.duration().as_nanos() as i64),
     };
-    let clock = Clock {
+    Clock {
         origin,
         origin_rel_ns,
         start_unix: unix_secs(cfg.run_start),
-    };
-
-    if origin_rel_ns < 0 {
-        // The run starts in the future (a coordinated start): wait for it, so that every
-        // first deadline lies within one interval, as the timer wheel requires.
-        tracing::info!(
-            in_s = -origin_rel_ns as f64 / 1e9,
-            "waiting for the run start"
-        );
-        tokio::select! {
-            _ = stop.changed() => return finish_early(&cfg),
-            _ = tokio::time::sleep(Duration::from_nanos((-origin_rel_ns) as u64)) => {}
-        }
     }
-    let first = args.first_vehicle;
+}
+
+/// Every vehicle of the slice, and the wheel of their first ticks.
+fn vehicles(cfg: &Config, login: bool, clock: &Clock) -> (Vec<Vehicle>, TimerWheel) {
+    let args = &cfg.args;
+    let schedule = cfg.schedule;
+    let interval_ns = (schedule.interval_s() * 1e9) as i64;
     let now_ns = clock.now_ns();
     // A process that starts the run (not one restarted in its middle) drives every vehicle
     // from seq 0, also those whose first tick fell in the moments before it was up (or, with
@@ -601,59 +235,99 @@ pub async fn run(mut cfg: Config, mut stop: watch::Receiver<bool>) -> Result<()>
     };
     let jitter_span = (schedule.interval_s() * (1.0 + args.jitter) * 1e9) as i64;
     let mut wheel = TimerWheel::new(now_ns, jitter_span + 2_000_000);
-    let mut vehicles = Vec::with_capacity(args.vehicles as usize);
+    let mut out = Vec::with_capacity(args.vehicles as usize);
     for i in 0..args.vehicles {
-        let n = first + i;
+        let n = args.first_vehicle + i;
         let id = cfg.template.render(n);
-        let route = match auth {
-            Some(_) => vehicle_path(&id),
-            None => simulator_path(&id, model_of(n).city),
+        let route = if login {
+            vehicle_path(&id)
+        } else {
+            simulator_path(&id, model_of(n).city)
         };
-        let path = format!("{}{}", cfg.path_prefix, route);
         let k = schedule.first_tick_from(n, now_s);
         wheel.insert((schedule.tick_time(n, k) * 1e9) as i64, i as u32);
-        vehicles.push(Vehicle {
+        out.push(Vehicle {
             model: VehicleModel::new(args.seed, n, &cfg.faults),
             template: BodyTemplate::new(&id, model_of(n).name, &cfg.agent, args.instance),
-            path: path.into_boxed_str(),
+            path: format!("{}{}", cfg.path_prefix, route).into_boxed_str(),
             next_k: k,
-            modem: Modem::default(),
-            waiting_lane: false,
-            offline: false,
         });
     }
-    let forward = args.delivery == Delivery::StoreAndForward;
-    tracing::info!(
-        vehicles = args.vehicles,
-        first_vehicle = first,
-        target = %cfg.base,
-        rate_per_s = args.vehicles as f64 / schedule.interval_s(),
-        delivery = args.delivery.name(),
-        "sending"
-    );
+    (out, wheel)
+}
 
-    let counters = Arc::new(Counters {
-        tally: args.tally.as_deref().and_then(|p| {
-            let t = Tally::create(p);
-            if t.is_none() {
-                tracing::warn!(path = %p.display(), "cannot map the tally file; counts of a killed run may be short");
-            }
-            t
-        }),
-        ..Default::default()
+/// The counters, with the tally file when `--tally` names one.
+fn counters_of(cfg: &Config) -> Arc<Counters> {
+    let tally = cfg.args.tally.as_deref().and_then(|p| {
+        let t = crate::tally::Tally::create(p);
+        if t.is_none() {
+            tracing::warn!(path = %p.display(), "cannot map the tally file; counts of a killed run may be short");
+        }
+        t
     });
+    Arc::new(Counters::new(
+        tally.map(|t| Box::new(t) as Box<dyn vtox::counters::TallySink>),
+    ))
+}
+
+/// The reporter: a metric line every `--report-every` until `done` fires.
+fn reporter(
+    counters: Arc<Counters>,
+    cfg: Arc<Config>,
+    started: Instant,
+    mut done: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    let every = cfg.args.report_every;
+    tokio::spawn(async move {
+        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => emit(&snapshot(&counters, &cfg, started, false)),
+                _ = done.changed() => break,
+            }
+        }
+    })
+}
+
+pub async fn run(mut cfg: Config, mut stop: watch::Receiver<Option<Stop>>) -> Result<()> {
+    let auth = cfg.auth.take();
+    let cfg = Arc::new(cfg);
+    let clock = clock_of(&cfg);
+    if clock.origin_rel_ns < 0 {
+        // The run starts in the future (a coordinated start): wait for it, so that every
+        // first deadline lies within one interval, as the timer wheel requires.
+        let wait = (-clock.origin_rel_ns) as u64;
+        tracing::info!(in_s = wait as f64 / 1e9, "waiting for the run start");
+        tokio::select! {
+            _ = stop.changed() => return finish_early(&cfg),
+            _ = tokio::time::sleep(Duration::from_nanos(wait)) => {}
+        }
+    }
+    let counters = counters_of(&cfg);
     let tokens = match auth {
         None => None,
         Some(AuthSource::Tokens(t)) => Some(t),
         Some(AuthSource::Login(spec)) => {
             let login = tokio::select! {
                 _ = stop.changed() => return finish_early(&cfg),
-                l = Login::start(*spec, counters.logins.clone()) => l?,
+                l = Login::start(*spec, counters.clone()) => l?,
             };
             Some(Tokens::Login(login))
         }
     };
-    let (outcomes_tx, mut outcomes) = tokio::sync::mpsc::unbounded_channel::<Done>();
+    let (vehicles, wheel) = vehicles(&cfg, tokens.is_some(), &clock);
+    let args = &cfg.args;
+    tracing::info!(
+        vehicles = args.vehicles,
+        first_vehicle = args.first_vehicle,
+        target = %cfg.base,
+        rate_per_s = args.vehicles as f64 / cfg.schedule.interval_s(),
+        delivery = args.delivery.name(),
+        "sending"
+    );
+    let forward = args.delivery == Delivery::StoreAndForward;
+    let (outcomes_tx, outcomes) = mpsc::unbounded_channel::<Done>();
     let lanes = Lanes::new(
         LaneConfig {
             host: cfg.host.clone(),
@@ -671,36 +345,16 @@ pub async fn run(mut cfg: Config, mut stop: watch::Receiver<bool>) -> Result<()>
         },
         counters.clone(),
     );
-    counters.active.store(args.vehicles, Relaxed);
+    counters.c.store(Counter::ActiveVehicles, args.vehicles);
     let started = Instant::now();
-    let (done_tx, mut done_rx) = watch::channel(false);
-    let reporter = {
-        let (counters, cfg) = (counters.clone(), cfg.clone());
-        let every = args.report_every;
-        tokio::spawn(async move {
-            let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-            loop {
-                tokio::select! {
-                    _ = ticker.tick() => emit(&counters.snapshot(&cfg, started, false)),
-                    _ = done_rx.changed() => break,
-                }
-            }
-        })
-    };
-
-    let end = args
-        .duration
-        .map(|d| tokio::time::Instant::from_std(started + d));
-    let fs = args.sampling_rate as f64;
+    let (done_tx, done_rx) = watch::channel(false);
+    let reporter = reporter(counters.clone(), cfg.clone(), started, done_rx);
+    let fs = f64::from(args.sampling_rate);
     let points = args.batch_size;
     let mut engine = Engine {
         vehicles,
-        first,
-        seed: args.seed,
-        buffer: args.buffer,
-        dropouts: cfg.dropouts,
-        schedule,
+        first: args.first_vehicle,
+        schedule: cfg.schedule,
         counters: counters.clone(),
         lanes,
         maker: Maker {
@@ -715,13 +369,53 @@ pub async fn run(mut cfg: Config, mut stop: watch::Receiver<bool>) -> Result<()>
             sent_at: IsoStamp::default(),
             made_at: IsoStamp::default(),
         },
-        fwd: Forwarding::default(),
+        forward: forward.then(|| {
+            Forwarder::new(
+                args.vehicles as usize,
+                args.first_vehicle,
+                args.seed,
+                args.buffer,
+                cfg.dropouts,
+            )
+        }),
     };
+    let end = args
+        .duration
+        .map(|d| tokio::time::Instant::from_std(started + d));
+    let outcomes = schedule(&mut engine, wheel, clock, outcomes, end, &mut stop).await;
+    drain(engine, outcomes, &cfg).await;
+    let _ = done_tx.send(true);
+    let _ = reporter.await;
+    let report = snapshot(&counters, &cfg, started, true);
+    tracing::info!(
+        sent = report.sent,
+        accepted = report.accepted,
+        failed = report.failed,
+        dropped = report.dropped,
+        buffered = report.buffered,
+        "stopped"
+    );
+    emit(&report);
+    Ok(())
+}
 
+/// The schedule, until the run's end or a stop: every due tick is made and sent (or dropped
+/// when the generator reached it more than an interval late), and outcomes and wakes are
+/// handled between ticks. Returns the outcomes' receiver for the drain.
+async fn schedule(
+    engine: &mut Engine,
+    mut wheel: TimerWheel,
+    clock: Clock,
+    mut outcomes: mpsc::UnboundedReceiver<Done>,
+    end: Option<tokio::time::Instant>,
+    stop: &mut watch::Receiver<Option<Stop>>,
+) -> mpsc::UnboundedReceiver<Done> {
+    let forward = engine.forward.is_some();
+    let interval_ns = (engine.schedule.interval_s() * 1e9) as i64;
     let mut due: Vec<u32> = Vec::with_capacity(BURST);
-    'schedule: while let Some(next_tick) = wheel.next_due_ns() {
-        let next_ns = match engine.fwd.wakes.peek() {
-            Some(&Reverse((at, _))) => next_tick.min(at),
+    while let Some(next_tick) = wheel.next_due_ns() {
+        let next_ns = match engine.forward.as_ref().and_then(Forwarder::next_wake) {
+            Some(at) => next_tick.min(at),
             None => next_tick,
         };
         let wake = clock.instant(next_ns);
@@ -729,13 +423,13 @@ pub async fn run(mut cfg: Config, mut stop: watch::Receiver<bool>) -> Result<()>
             let wake = tokio::time::Instant::from_std(wake);
             tokio::select! {
                 biased;
-                _ = stop.changed() => break 'schedule,
-                _ = async { match end { Some(e) => tokio::time::sleep_until(e).await, None => std::future::pending().await } } => break 'schedule,
+                _ = stop.changed() => break,
+                _ = async { match end { Some(e) => tokio::time::sleep_until(e).await, None => std::future::pending().await } } => break,
                 Some(d) = outcomes.recv(), if forward => engine.done(d, clock.now_ns()),
                 _ = tokio::time::sleep_until(wake) => {}
             }
         }
-        if *stop.borrow() || end.is_some_and(|e| tokio::time::Instant::now() >= e) {
+        if stop.borrow().is_some() || end.is_some_and(|e| tokio::time::Instant::now() >= e) {
             break;
         }
         let now_ns = clock.now_ns();
@@ -748,50 +442,48 @@ pub async fn run(mut cfg: Config, mut stop: watch::Receiver<bool>) -> Result<()>
         due.clear();
         wheel.pop_due(now_ns, BURST, &mut due);
         for &idx in &due {
-            let v = &mut engine.vehicles[idx as usize];
-            let n = first + idx as u64;
+            let Some(v) = engine.vehicles.get_mut(idx as usize) else {
+                continue;
+            };
+            let n = engine.first + u64::from(idx);
             let k = v.next_k;
             v.next_k += 1;
-            let due_ns = (schedule.tick_time(n, k) * 1e9) as i64;
-            wheel.insert((schedule.tick_time(n, k + 1) * 1e9) as i64, idx);
-
+            let due_ns = (engine.schedule.tick_time(n, k) * 1e9) as i64;
+            wheel.insert((engine.schedule.tick_time(n, k + 1) * 1e9) as i64, idx);
             let lag_ns = now_ns - due_ns;
-            counters
-                .max_lag_us
+            let c = &engine.counters;
+            c.max_lag_us
                 .fetch_max((lag_ns / 1000).max(0) as u64, Relaxed);
-            counters.produced.fetch_add(1, Relaxed);
-            counters.tally(tally::TALLY_PRODUCED, 1);
+            c.add(Counter::Produced, 1);
             // More than an interval behind means the generator cannot keep the schedule;
             // sending late ticks in a burst would misstate the load, so they count as dropped
             // (the generator's own evidence, in either delivery mode).
             if lag_ns > interval_ns {
-                counters.dropped.fetch_add(1, Relaxed);
-                counters.tally(tally::TALLY_DROPPED, 1);
+                c.add(Counter::Dropped, 1);
                 continue;
             }
-            if forward {
-                engine.make(idx, k, due_ns, now_ns);
-            } else {
-                engine.send_at_most_once(idx, k, due_ns);
-            }
+            engine.tick(idx, k, due_ns, now_ns);
         }
-        if forward {
-            engine.publish();
-        }
+        engine.publish();
         if due.len() == BURST {
             tokio::task::yield_now().await;
         }
     }
+    outcomes
+}
 
-    // Closing the lanes' channels lets each finish its request in flight, then exit.
+/// After the schedule: the lanes finish their requests in flight (and the late answers they
+/// wait for, up to one timeout more), and what is left in the buffers is said, not lost.
+async fn drain(engine: Engine, mut outcomes: mpsc::UnboundedReceiver<Done>, cfg: &Config) {
     let Engine {
         lanes,
-        mut vehicles,
-        mut fwd,
+        mut forward,
+        counters,
         ..
     } = engine;
+    // Closing the lanes' channels lets each finish its request in flight, then exit.
     drop(lanes);
-    counters.active.store(0, Relaxed);
+    counters.c.store(Counter::ActiveVehicles, 0);
     let outstanding = || counters.in_flight.load(Relaxed) + counters.late_pending.load(Relaxed);
     if outstanding() > 0 {
         tracing::info!(
@@ -800,9 +492,9 @@ pub async fn run(mut cfg: Config, mut stop: watch::Receiver<bool>) -> Result<()>
             "waiting for outstanding requests"
         );
     }
-    // Requests in flight end by themselves within a timeout; the late answers they may turn
-    // into get at most one timeout more, not the whole late window: a target that stays
-    // silent must not hold a stop (the agent's patience, `vtox::process::stop_grace`).
+    // A target that stays silent must not hold a stop past the agent's patience
+    // (`vtox::process::stop_grace`).
+    let args = &cfg.args;
     let drain_end = Instant::now()
         + args.timeout
         + args.timeout.min(args.late_window)
@@ -810,32 +502,18 @@ pub async fn run(mut cfg: Config, mut stop: watch::Receiver<bool>) -> Result<()>
     while outstanding() > 0 && Instant::now() < drain_end {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    if forward {
-        // What is left in the buffers was never delivered: said, not lost silently.
+    if let Some(f) = &mut forward {
+        let mut last = Vec::new();
         while let Ok(d) = outcomes.try_recv() {
-            let v = &mut vehicles[d.vehicle as usize];
-            let _ = v.modem.settle(d.outcome, 0, |_| Duration::ZERO);
+            last.push((d.vehicle, d.outcome));
         }
-        fwd.buffered = vehicles.iter().map(|v| v.modem.len() as u64).sum();
-        counters.buffered.store(fwd.buffered, Relaxed);
-        if fwd.buffered > 0 {
+        let left = f.finish(last);
+        counters.c.store(Counter::Buffered, left);
+        if left > 0 {
             tracing::warn!(
-                buffered = fwd.buffered,
+                buffered = left,
                 "messages still in vehicles' buffers at the end were never delivered"
             );
         }
     }
-    let _ = done_tx.send(true);
-    let _ = reporter.await;
-    let report = counters.snapshot(&cfg, started, true);
-    tracing::info!(
-        sent = report.sent,
-        accepted = report.accepted,
-        failed = report.failed,
-        dropped = report.dropped,
-        buffered = report.buffered,
-        "stopped"
-    );
-    emit(&report);
-    Ok(())
 }

@@ -10,20 +10,18 @@
 //! arrives late, so every message the backend accepted is known to the load generator too.
 
 use crate::auth::Login;
-use crate::engine::Counters;
+use crate::counters::Counters;
+use crate::reader::Reader;
+use crate::stream::{open, ExchangeError, Stream, TlsTarget};
 use std::io;
 use std::os::fd::AsRawFd;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, Semaphore};
-use tokio_rustls::rustls::pki_types::ServerName;
+use vtox::counters::Counter;
 use vtox::delivery::Outcome;
-use vtox::http1::{find_head_end, head_too_large, parse_head, BodyReader, HttpError, ResponseHead};
 
 /// A request ready to go: `bytes[start..]` is the whole HTTP request.
 pub struct Job {
@@ -177,101 +175,6 @@ enum Failure {
     Tls,
 }
 
-/// Why an exchange failed.
-pub enum ExchangeError {
-    Io(io::Error),
-    Protocol(HttpError),
-    /// The TLS handshake failed (an untrusted certificate, a name that does not match).
-    Tls(io::Error),
-}
-
-impl std::fmt::Display for ExchangeError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ExchangeError::Io(e) => write!(f, "{e}"),
-            ExchangeError::Protocol(e) => write!(f, "{e}"),
-            ExchangeError::Tls(e) => write!(f, "TLS handshake failed: {e}"),
-        }
-    }
-}
-
-impl From<io::Error> for ExchangeError {
-    fn from(e: io::Error) -> Self {
-        ExchangeError::Io(e)
-    }
-}
-
-impl From<HttpError> for ExchangeError {
-    fn from(e: HttpError) -> Self {
-        ExchangeError::Protocol(e)
-    }
-}
-
-/// A connection to the target, plain or over TLS.
-pub enum Stream {
-    Plain(TcpStream),
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
-}
-
-impl Stream {
-    fn tcp(&self) -> &TcpStream {
-        match self {
-            Stream::Plain(s) => s,
-            Stream::Tls(s) => s.get_ref().0,
-        }
-    }
-}
-
-impl AsyncRead for Stream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for Stream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
-    }
-}
-
-/// TLS towards an `https://` target: the shared configuration and the URL's host as the
-/// server name (SNI).
-#[derive(Clone)]
-pub struct TlsTarget {
-    pub connector: tokio_rustls::TlsConnector,
-    pub name: ServerName<'static>,
-    /// The target as given, for the one line that says why its handshakes fail.
-    pub base: String,
-}
-
 /// A kept-alive connection and when it last finished an exchange.
 struct Conn {
     stream: Stream,
@@ -327,86 +230,18 @@ async fn run_lane(id: usize, mut rx: mpsc::Receiver<Job>, shared: Arc<Shared>) {
         )
         .await
         {
-            Ok(Ok(status)) => Ok(status),
-            Ok(Err(ExchangeError::Io(e))) => {
-                tracing::debug!("connection error: {e}");
-                Err(Failure::Connect)
-            }
-            Ok(Err(ExchangeError::Tls(e))) => {
-                // Every handshake fails alike (the certificate does not change), so the
-                // reason is worth one line, not one per message.
-                if !shared.tls_logged.swap(true, Relaxed) {
-                    let target = shared.tls.as_ref().map_or("", |t| t.base.as_str());
-                    tracing::error!("TLS handshake with {target} failed: {e} (counted as `tls` failures; --target-ca adds a CA)");
-                }
-                Err(Failure::Tls)
-            }
-            Ok(Err(ExchangeError::Protocol(e))) => {
-                tracing::debug!("protocol error from the target: {e}");
-                Err(Failure::Protocol)
-            }
+            Ok(r) => r.map_err(|e| failure_of(e, &shared)),
             Err(_) => Err(Failure::Timeout),
         };
-        let c = &shared.counters;
         let outcome = match result {
-            Ok(status) => {
-                c.record_answer(&job, status);
-                if status == 200 {
-                    c.accepted.fetch_add(1, Relaxed);
-                    c.tally(crate::tally::TALLY_ACCEPTED, 1);
-                    Outcome::Accepted
-                } else {
-                    if status == 401 {
-                        if let Some(login) = &shared.login {
-                            login.unauthorized(job.auth_gen);
-                        }
-                    }
-                    c.record_status(status);
-                    c.tally(crate::tally::TALLY_FAILED, 1);
-                    Outcome::Status(status)
-                }
-            }
+            Ok(status) => answered(&job, status, &shared),
             Err(f) => {
                 // Whatever state the connection is in, it cannot carry another request.
                 let stale = conn.take();
-                let outcome = match f {
-                    Failure::Timeout => {
-                        let outcome = match stale {
-                            Some(conn) if written => {
-                                watch_late(conn.stream, std::mem::take(&mut reader), &job, &shared);
-                                Outcome::Timeout { written: true }
-                            }
-                            _ => {
-                                c.tally(crate::tally::TALLY_UNSENT, 1);
-                                c.timeout_unsent.fetch_add(1, Relaxed);
-                                Outcome::Timeout { written: false }
-                            }
-                        };
-                        c.tally(crate::tally::TALLY_TIMEOUT, 1);
-                        c.timeout.fetch_add(1, Relaxed);
-                        outcome
-                    }
-                    Failure::Connect => {
-                        c.tally(crate::tally::TALLY_CONNECT, 1);
-                        c.connect.fetch_add(1, Relaxed);
-                        Outcome::Broken
-                    }
-                    Failure::Protocol => {
-                        c.tally(crate::tally::TALLY_PROTOCOL, 1);
-                        c.protocol.fetch_add(1, Relaxed);
-                        Outcome::Broken
-                    }
-                    Failure::Tls => {
-                        c.tally(crate::tally::TALLY_TLS, 1);
-                        c.tls.fetch_add(1, Relaxed);
-                        Outcome::Broken
-                    }
-                };
-                c.tally(crate::tally::TALLY_FAILED, 1);
-                outcome
+                failed(f, &job, stale, written, &mut reader, &shared)
             }
         };
-        c.in_flight.fetch_sub(1, Relaxed);
+        shared.counters.in_flight.fetch_sub(1, Relaxed);
         match shared.idle.lock() {
             Ok(mut g) => g.push(id),
             Err(poisoned) => poisoned.into_inner().push(id),
@@ -418,6 +253,89 @@ async fn run_lane(id: usize, mut rx: mpsc::Receiver<Job>, shared: Arc<Shared>) {
                 vehicle: job.vehicle,
                 outcome,
             });
+        }
+    }
+}
+
+/// Why an exchange failed, as counted.
+fn failure_of(e: ExchangeError, shared: &Shared) -> Failure {
+    match e {
+        ExchangeError::Io(e) => {
+            tracing::debug!("connection error: {e}");
+            Failure::Connect
+        }
+        ExchangeError::Tls(e) => {
+            // Every handshake fails alike (the certificate does not change), so the reason
+            // is worth one line, not one per message.
+            if !shared.tls_logged.swap(true, Relaxed) {
+                let target = shared.tls.as_ref().map_or("", |t| t.base.as_str());
+                tracing::error!("TLS handshake with {target} failed: {e} (counted as `tls` failures; --target-ca adds a CA)");
+            }
+            Failure::Tls
+        }
+        ExchangeError::Protocol(e) => {
+            tracing::debug!("protocol error from the target: {e}");
+            Failure::Protocol
+        }
+    }
+}
+
+/// An answer came: a 200 is accepted, anything else failed by its status (a 401 renews the
+/// login's token).
+fn answered(job: &Job, status: u16, shared: &Shared) -> Outcome {
+    let c = &shared.counters;
+    c.record_answer(job.created, job.due, job.waited, status);
+    if status == 200 {
+        c.add(Counter::Accepted, 1);
+        return Outcome::Accepted;
+    }
+    if status == 401 {
+        if let Some(login) = &shared.login {
+            login.unauthorized(job.auth_gen);
+        }
+    }
+    c.record_status(status);
+    c.add(Counter::Failed, 1);
+    Outcome::Status(status)
+}
+
+/// No answer: counted by cause. A request that timed out after it went out whole is watched
+/// for a late answer on its connection.
+fn failed(
+    f: Failure,
+    job: &Job,
+    stale: Option<Conn>,
+    written: bool,
+    reader: &mut Reader,
+    shared: &Arc<Shared>,
+) -> Outcome {
+    let c = &shared.counters;
+    c.add(Counter::Failed, 1);
+    match f {
+        Failure::Timeout => {
+            c.add(Counter::Timeouts, 1);
+            match stale {
+                Some(conn) if written => {
+                    watch_late(conn.stream, std::mem::take(reader), job, shared);
+                    Outcome::Timeout { written: true }
+                }
+                _ => {
+                    c.add(Counter::TimeoutsUnsent, 1);
+                    Outcome::Timeout { written: false }
+                }
+            }
+        }
+        Failure::Connect => {
+            c.add(Counter::ConnectErrors, 1);
+            Outcome::Broken
+        }
+        Failure::Protocol => {
+            c.add(Counter::ProtocolErrors, 1);
+            Outcome::Broken
+        }
+        Failure::Tls => {
+            c.add(Counter::TlsErrors, 1);
+            Outcome::Broken
         }
     }
 }
@@ -439,8 +357,7 @@ fn watch_late(mut stream: Stream, mut reader: Reader, job: &Job, shared: &Arc<Sh
         let answer = tokio::time::timeout_at(until, reader.read(&mut stream)).await;
         if let Ok(Ok(head)) = answer {
             if head.status == 200 {
-                counters.late_accepted.fetch_add(1, Relaxed);
-                counters.tally(crate::tally::TALLY_LATE, 1);
+                counters.add(Counter::LateAccepted, 1);
             }
         }
         counters.late_pending.fetch_sub(1, Relaxed);
@@ -511,108 +428,4 @@ async fn exchange(
 
 async fn connect(shared: &Shared) -> Result<Stream, ExchangeError> {
     open(&shared.host, shared.port, shared.tls.as_ref()).await
-}
-
-/// Opens a connection, over TLS when `tls` is given.
-pub async fn open(host: &str, port: u16, tls: Option<&TlsTarget>) -> Result<Stream, ExchangeError> {
-    let s = TcpStream::connect((host, port)).await?;
-    s.set_nodelay(true)?;
-    match tls {
-        None => Ok(Stream::Plain(s)),
-        Some(tls) => match tls.connector.connect(tls.name.clone(), s).await {
-            Ok(t) => Ok(Stream::Tls(Box::new(t))),
-            // rustls reports a refused certificate or handshake as InvalidData; anything else
-            // is the network's.
-            Err(e) if e.kind() == io::ErrorKind::InvalidData => Err(ExchangeError::Tls(e)),
-            Err(e) => Err(ExchangeError::Io(e)),
-        },
-    }
-}
-
-/// Reads responses: the head is buffered (up to 64 KiB), the body is only followed to its end
-/// and thrown away as it arrives, so a huge answer costs no memory. Its state survives a
-/// timeout, so that the late watcher continues exactly where the lane stopped.
-#[derive(Default)]
-struct Reader {
-    buf: Vec<u8>,
-    /// Bytes of `buf` already searched for the end of the head.
-    scanned: usize,
-    /// The final head and its body's progress, once the head is in.
-    head: Option<(ResponseHead, BodyReader)>,
-}
-
-/// A buffer grown by an unusually large head is given back rather than kept for the lane's life.
-const KEEP_CAPACITY: usize = 16 * 1024;
-
-impl Reader {
-    fn reset(&mut self) {
-        self.buf.clear();
-        if self.buf.capacity() > KEEP_CAPACITY {
-            self.buf.shrink_to(4096);
-        }
-        self.scanned = 0;
-        self.head = None;
-    }
-
-    /// Reads until one whole final response has passed, continuing from whatever state the
-    /// reader is in.
-    async fn read<S: AsyncRead + Unpin>(
-        &mut self,
-        stream: &mut S,
-    ) -> Result<ResponseHead, ExchangeError> {
-        loop {
-            if self.head.is_none() {
-                self.take_head()?;
-            }
-            if let Some((head, body)) = &mut self.head {
-                let used = body.feed(&self.buf)?;
-                let extra = self.buf.len() - used;
-                self.buf.clear();
-                if body.is_done() {
-                    let mut head = *head;
-                    // Bytes beyond the answer belong to no request of ours: the connection is
-                    // out of step and must not carry another one.
-                    if extra > 0 {
-                        head.keep_alive = false;
-                    }
-                    self.head = None;
-                    return Ok(head);
-                }
-            }
-            if self.buf.capacity() - self.buf.len() < 1024 {
-                self.buf.reserve(4096);
-            }
-            if stream.read_buf(&mut self.buf).await? == 0 {
-                return match self.head {
-                    Some((head, BodyReader::UntilClose)) => Ok(ResponseHead {
-                        keep_alive: false,
-                        ..head
-                    }),
-                    _ => Err(ExchangeError::Io(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "connection closed mid-response",
-                    ))),
-                };
-            }
-        }
-    }
-
-    /// Parses the final head out of the buffer if it is complete, skipping interim 1xx
-    /// answers (e.g. 100 Continue); leaves the body's first bytes in the buffer.
-    fn take_head(&mut self) -> Result<(), HttpError> {
-        loop {
-            let Some(end) = find_head_end(&self.buf, self.scanned) else {
-                self.scanned = self.buf.len();
-                return head_too_large(self.buf.len());
-            };
-            let head = parse_head(&self.buf[..end])?
-                .ok_or_else(|| HttpError::Malformed("incomplete head".into()))?;
-            self.buf.drain(..head.head_len.min(end));
-            self.scanned = 0;
-            if !(100..200).contains(&head.status) {
-                self.head = Some((head, BodyReader::new(head.framing)));
-                return Ok(());
-            }
-        }
-    }
 }

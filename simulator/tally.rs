@@ -8,14 +8,9 @@ use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-/// Slots of the file, each a native-endian u64; the agent reads the same layout
-/// (`vtox::metrics::TALLY_SLOTS`).
-pub use vtox::metrics::{
-    TALLY_ACCEPTED, TALLY_BUFFER_DROPPED, TALLY_BYTES, TALLY_CONNECT, TALLY_DELIVERED_LATE,
-    TALLY_DISCARDED, TALLY_DROPPED, TALLY_FAILED, TALLY_LATE, TALLY_OFFLINE_TICKS, TALLY_PRODUCED,
-    TALLY_PROTOCOL, TALLY_RESENT, TALLY_RETRIED, TALLY_SENT, TALLY_SLOTS, TALLY_TIMEOUT, TALLY_TLS,
-    TALLY_UNSENT,
-};
+/// Slots of the file, each a native-endian u64; the agent reads the same layout, and which
+/// counter has which slot is in the counter table (`vtox::counters`).
+use vtox::metrics::TALLY_SLOTS;
 
 pub struct Tally {
     cells: &'static [AtomicU64],
@@ -53,8 +48,10 @@ impl Tally {
         };
         Some(Tally { cells })
     }
+}
 
-    pub fn add(&self, slot: usize, n: u64) {
+impl vtox::counters::TallySink for Tally {
+    fn add(&self, slot: usize, n: u64) {
         if let Some(c) = self.cells.get(slot) {
             c.fetch_add(n, Relaxed);
         }

@@ -570,7 +570,7 @@ impl Board {
                 host_cpu: a.usage.map(|u| u.cpu_percent),
                 rss_mib: usage.rss_bytes as f64 / (1u64 << 20) as f64,
                 buffered: c.buffered,
-                offline: c.offline,
+                offline: c.offline_vehicles,
                 restarts: a.supervision.map_or(0, |x| x.restarts),
                 lease_expiries: a.supervision.map_or(0, |x| x.lease_expiries),
                 not_driven: a.vehicles_not_driven,
@@ -698,7 +698,7 @@ impl Board {
                 t: now,
                 expected,
                 buffered: t.buffered,
-                offline: t.offline,
+                offline: t.offline_vehicles,
                 ..p
             },
             first => {
@@ -736,7 +736,7 @@ impl Board {
                     delay_p95: dq.map(|q| q[1]),
                     delay_p99: dq.map(|q| q[2]),
                     buffered: t.buffered,
-                    offline: t.offline,
+                    offline: t.offline_vehicles,
                 };
                 self.prev.latency = latency;
                 self.prev.delay = delay;

@@ -5,10 +5,10 @@
 //! copy; the arithmetic is `capacity::CalibrationRun::fit`.
 
 use crate::capacity::CalibrationRun;
+use crate::counters::SimReport;
 use crate::faults::FaultMix;
 use crate::http1::RequestBuf;
 use crate::ingest::{simulator_path, BodyTemplate, MessageFields};
-use crate::metrics::SimReport;
 use crate::telemetry::VehicleModel;
 use crate::wire::pb;
 use std::io::Read;

@@ -6,8 +6,6 @@
 use base64::Engine as _;
 use hdrhistogram::serialization::{Deserializer, Serializer, V2DeflateSerializer};
 use hdrhistogram::Histogram;
-use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
 
 /// Latencies are recorded in microseconds from 1 µs to 10 minutes at 3 significant digits.
 const LOWEST_US: u64 = 1;
@@ -472,25 +470,8 @@ impl BucketSum {
 }
 
 /// Slots of a simulator's tally file (`vtox-sim --tally`): native-endian u64 counters that
-/// survive the process being killed.
-pub const TALLY_SENT: usize = 0;
-pub const TALLY_ACCEPTED: usize = 1;
-pub const TALLY_FAILED: usize = 2;
-pub const TALLY_DROPPED: usize = 3;
-pub const TALLY_BYTES: usize = 4;
-pub const TALLY_TIMEOUT: usize = 5;
-pub const TALLY_CONNECT: usize = 6;
-pub const TALLY_LATE: usize = 7;
-pub const TALLY_UNSENT: usize = 8;
-pub const TALLY_PROTOCOL: usize = 9;
-pub const TALLY_TLS: usize = 10;
-pub const TALLY_PRODUCED: usize = 11;
-pub const TALLY_RETRIED: usize = 12;
-pub const TALLY_BUFFER_DROPPED: usize = 13;
-pub const TALLY_DELIVERED_LATE: usize = 14;
-pub const TALLY_RESENT: usize = 15;
-pub const TALLY_DISCARDED: usize = 16;
-pub const TALLY_OFFLINE_TICKS: usize = 17;
+/// survive the process being killed. Which counter has which slot is in its row of the counter
+/// table (`crate::counters`).
 pub const TALLY_SLOTS: usize = 32;
 /// Files of earlier versions had 8 slots; the newer ones read as 0 from them.
 const TALLY_SLOTS_MIN: usize = 8;
@@ -507,177 +488,6 @@ pub fn read_tally(bytes: &[u8]) -> Option<[u64; TALLY_SLOTS]> {
         *v = u64::from_ne_bytes(b);
     }
     Some(out)
-}
-
-/// Failed requests by cause.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Failures {
-    /// Answers other than 200, by status code.
-    #[serde(default)]
-    pub status: BTreeMap<u16, u64>,
-    /// No complete answer within the request timeout.
-    #[serde(default)]
-    pub timeout: u64,
-    /// Of `timeout`: timed out before the request went out whole (connecting, or writing to a
-    /// target that stopped reading), so the target cannot have taken it.
-    #[serde(default)]
-    pub timeout_unsent: u64,
-    /// The connection could not be made or broke.
-    #[serde(default)]
-    pub connect: u64,
-    /// The answer broke HTTP: a head over 64 KiB, a malformed head or bad chunked encoding.
-    #[serde(default)]
-    pub protocol: u64,
-    /// The TLS handshake failed: an untrusted certificate or one for another name.
-    #[serde(default)]
-    pub tls: u64,
-}
-
-impl Failures {
-    pub fn total(&self) -> u64 {
-        self.status.values().sum::<u64>() + self.timeout + self.connect + self.protocol + self.tls
-    }
-
-    pub fn add(&mut self, other: &Failures) {
-        for (code, n) in &other.status {
-            *self.status.entry(*code).or_default() += n;
-        }
-        self.timeout += other.timeout;
-        self.timeout_unsent += other.timeout_unsent;
-        self.connect += other.connect;
-        self.protocol += other.protocol;
-        self.tls += other.tls;
-    }
-}
-
-/// One metric line of `vtox-sim` (stdout, one JSON object per line). Counters are cumulative
-/// since the process started.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct SimReport {
-    /// True on the last line, written after in-flight requests finished or timed out.
-    #[serde(rename = "final", default)]
-    pub is_final: bool,
-    #[serde(default)]
-    pub agent: String,
-    #[serde(default)]
-    pub instance: u32,
-    #[serde(default)]
-    pub first_vehicle: u64,
-    #[serde(default)]
-    pub vehicles: u64,
-    /// Wall-clock time of the report, Unix seconds.
-    #[serde(default)]
-    pub ts: f64,
-    /// Seconds since the process started sending.
-    #[serde(default)]
-    pub elapsed_s: f64,
-    /// Requests started (accepted + failed + in flight).
-    pub sent: u64,
-    /// Answered 200.
-    pub accepted: u64,
-    /// Timed out (so counted in `failed`), then answered 200 after all: the target took these
-    /// messages too, only too late.
-    #[serde(default)]
-    pub late_accepted: u64,
-    /// Failed for any cause (the sum of `failures`).
-    pub failed: u64,
-    #[serde(default)]
-    pub failures: Failures,
-    /// Ticks skipped: those that found the in-flight cap full (the schedule is open: a slow
-    /// target never delays later ticks) and those the generator reached more than an interval
-    /// late.
-    pub dropped: u64,
-    /// Of `dropped`: ticks that found every connection busy with a slow target. The rest were
-    /// the generator's own lateness.
-    #[serde(default)]
-    pub dropped_busy: u64,
-    /// Connections open now at most: one per lane, plus timed-out ones watched for a late
-    /// answer.
-    #[serde(default)]
-    pub connections: u64,
-    /// Request body bytes sent.
-    pub bytes: u64,
-    /// Logins done with `--login`: the first one and each renewal after a 401.
-    #[serde(default)]
-    pub logins: u64,
-    /// Vehicles currently scheduled.
-    #[serde(default)]
-    pub active_vehicles: u64,
-    #[serde(default)]
-    pub in_flight: u64,
-    /// Worst lateness of a tick behind its schedule, in milliseconds, since the previous line:
-    /// a generator short of CPU shows here before it shows anywhere else.
-    #[serde(default)]
-    pub max_lag_ms: f64,
-    /// Convenience percentiles of all latencies so far, in milliseconds.
-    #[serde(default)]
-    pub p50_ms: f64,
-    #[serde(default)]
-    pub p95_ms: f64,
-    #[serde(default)]
-    pub p99_ms: f64,
-    #[serde(default)]
-    pub max_ms: f64,
-    /// All latencies so far (µs), HDR V2 compressed, base64: service time, from the request
-    /// handed to a connection to its answer read.
-    #[serde(default)]
-    pub latency: String,
-    /// Messages made (one per vehicle tick), whether sent at once, buffered or dropped.
-    #[serde(default)]
-    pub produced: u64,
-    /// Messages waiting in vehicles' buffers now (store-and-forward), not counting those in
-    /// flight.
-    #[serde(default)]
-    pub buffered: u64,
-    /// Sends of a message tried before (store-and-forward).
-    #[serde(default)]
-    pub retried: u64,
-    /// Messages dropped from a full buffer, oldest first: never delivered.
-    #[serde(default)]
-    pub buffer_dropped: u64,
-    /// Messages accepted after waiting in their vehicle's buffer (busy modem, no coverage or a
-    /// failed try); their age at delivery is in `late_age`.
-    #[serde(default)]
-    pub delivered_late: u64,
-    /// Sends of a message whose previous try timed out after it was written: the target may
-    /// have taken both, so at most this many accepted messages are duplicates.
-    #[serde(default)]
-    pub resent_after_timeout: u64,
-    /// Messages given up because the target refused them with a status no retry changes
-    /// (a 422, a 404, a redirect).
-    #[serde(default)]
-    pub discarded: u64,
-    /// Vehicles out of coverage now (`--dropouts`).
-    #[serde(default)]
-    pub offline: u64,
-    /// Messages made while their vehicle was out of coverage.
-    #[serde(default)]
-    pub offline_ticks: u64,
-    /// Delay from each message's scheduled time to its answer (µs), HDR V2 compressed, base64:
-    /// unlike `latency`, it includes every wait before the request went out (a generator
-    /// behind its schedule, a vehicle's queue), so a stall cannot hide (coordinated
-    /// omission).
-    #[serde(default)]
-    pub delay: String,
-    #[serde(default)]
-    pub delay_p50_ms: f64,
-    #[serde(default)]
-    pub delay_p95_ms: f64,
-    #[serde(default)]
-    pub delay_p99_ms: f64,
-    /// Age at delivery of the `delivered_late` messages (µs), HDR V2 compressed, base64.
-    #[serde(default)]
-    pub late_age: String,
-}
-
-impl SimReport {
-    pub fn parse_line(line: &str) -> Result<SimReport, MetricsError> {
-        Ok(serde_json::from_str(line)?)
-    }
-
-    pub fn latency(&self) -> Result<Latency, MetricsError> {
-        Latency::decode(&self.latency)
-    }
 }
 
 #[cfg(test)]
@@ -813,10 +623,10 @@ mod tests {
             .flat_map(u64::to_ne_bytes)
             .collect();
         let t = read_tally(&file).expect("current size");
-        assert_eq!((t[TALLY_SENT], t[TALLY_UNSENT]), (1, 9));
+        assert_eq!((t[0], t[8]), (1, 9));
         // An 8-slot file of an earlier version: the newer slots read as 0.
         let t = read_tally(&file[..64]).expect("earlier size");
-        assert_eq!((t[TALLY_LATE], t[TALLY_UNSENT]), (8, 0));
+        assert_eq!((t[7], t[8]), (8, 0));
         assert_eq!(read_tally(&file[..63]), None);
     }
 
@@ -870,25 +680,5 @@ mod tests {
     fn out_of_range_values_are_kept() {
         let l = filled([0, u64::MAX]);
         assert_eq!(l.count(), 2);
-    }
-
-    #[test]
-    fn report_lines_parse_and_failures_add_up() {
-        let mut f = Failures::default();
-        f.status.insert(500, 2);
-        f.timeout = 3;
-        let r = SimReport {
-            sent: 10,
-            accepted: 5,
-            failed: f.total(),
-            failures: f,
-            ..Default::default()
-        };
-        let line = serde_json::to_string(&r).unwrap();
-        assert!(line.contains("\"final\":false"));
-        let back = SimReport::parse_line(&line).unwrap();
-        assert_eq!(back, r);
-        assert_eq!(back.failures.total(), 5);
-        assert!(SimReport::parse_line("{garbage").is_err());
     }
 }

@@ -45,74 +45,6 @@ fn histogram(out: &mut String, name: &str, help: &str, latency: &Latency) {
     let _ = writeln!(out, "{name}_count {}", latency.count());
 }
 
-/// The per-agent counter families: name, help, and the counter each is read from.
-type Family = (&'static str, &'static str, fn(&pb::Counters) -> u64);
-const FAMILIES: [Family; 13] = [
-    (
-        "vtox_messages_sent_total",
-        "Messages sent (requests started).",
-        |c| c.sent,
-    ),
-    (
-        "vtox_messages_accepted_total",
-        "Messages answered 200.",
-        |c| c.accepted,
-    ),
-    (
-        "vtox_messages_failed_total",
-        "Messages failed (status, timeout or connection).",
-        |c| c.failed,
-    ),
-    (
-        "vtox_messages_timed_out_total",
-        "Messages failed because no answer came within the request timeout.",
-        |c| c.timeouts,
-    ),
-    (
-        "vtox_messages_accepted_late_total",
-        "Timed-out messages the target answered 200 after all (the target took them).",
-        |c| c.late_accepted,
-    ),
-    (
-        "vtox_messages_dropped_total",
-        "Ticks dropped by the generator (in-flight cap full or too late).",
-        |c| c.dropped,
-    ),
-    ("vtox_bytes_sent_total", "Message body bytes sent.", |c| {
-        c.bytes
-    }),
-    (
-        "vtox_messages_produced_total",
-        "Messages made by vehicles (one per tick).",
-        |c| c.produced,
-    ),
-    (
-        "vtox_messages_retried_total",
-        "Sends of a message tried before (store-and-forward).",
-        |c| c.retried,
-    ),
-    (
-        "vtox_messages_buffer_dropped_total",
-        "Messages dropped from a vehicle's full buffer: never delivered.",
-        |c| c.buffer_dropped,
-    ),
-    (
-        "vtox_messages_delivered_late_total",
-        "Messages accepted after waiting in their vehicle's buffer.",
-        |c| c.delivered_late,
-    ),
-    (
-        "vtox_messages_resent_after_timeout_total",
-        "Resends of a message whose previous try timed out after it was written (possible duplicates).",
-        |c| c.resent_after_timeout,
-    ),
-    (
-        "vtox_messages_discarded_total",
-        "Messages given up because the target refused them for good.",
-        |c| c.discarded,
-    ),
-];
-
 const LATENCY_HELP: &str =
     "Service time: request handed to a connection until its whole answer was read.";
 const DELAY_HELP: &str =
@@ -134,9 +66,14 @@ fn delivery_gauges(out: &mut String, buffered: u64, offline: u64) {
     );
 }
 
+/// The per-agent counter families: the rows of the counter table that name one.
 fn families(out: &mut String, rows: &[(String, pb::Counters)]) {
-    for (name, help, read) in FAMILIES {
-        let values: Vec<(String, u64)> = rows.iter().map(|(a, c)| (a.clone(), read(c))).collect();
+    for d in crate::counters::DEFS {
+        let Some((name, help)) = d.prometheus else {
+            continue;
+        };
+        let values: Vec<(String, u64)> =
+            rows.iter().map(|(a, c)| (a.clone(), (d.get)(c))).collect();
         counter_family(out, name, help, &values);
     }
 }
@@ -155,7 +92,7 @@ pub fn coordinator(status: &pb::RunStatus, agents_connected: usize) -> String {
     histogram(&mut out, "vtox_latency_seconds", LATENCY_HELP, &latency);
     let delay = Latency::from_bytes(&totals.delay_hdr).unwrap_or_default();
     histogram(&mut out, "vtox_delay_seconds", DELAY_HELP, &delay);
-    delivery_gauges(&mut out, totals.buffered, totals.offline);
+    delivery_gauges(&mut out, totals.buffered, totals.offline_vehicles);
     gauge(
         &mut out,
         "vtox_agents_up",
@@ -246,7 +183,7 @@ pub fn agent(name: &str, instances: &[pb::InstanceStatus]) -> String {
         }
     }
     let mut out = String::new();
-    let (buffered, offline) = (total.buffered, total.offline);
+    let (buffered, offline) = (total.buffered, total.offline_vehicles);
     families(&mut out, &[(name.to_string(), total)]);
     histogram(&mut out, "vtox_latency_seconds", LATENCY_HELP, &latency);
     histogram(&mut out, "vtox_delay_seconds", DELAY_HELP, &delay);
@@ -286,7 +223,7 @@ mod tests {
                 d.to_bytes()
             },
             buffered: 7,
-            offline: 4,
+            offline_vehicles: 4,
             retried: 5,
             ..Default::default()
         };

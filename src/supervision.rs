@@ -118,23 +118,10 @@ pub fn words(s: &pb::Supervision) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use prost::Message as _;
-
-    /// The field names of `message` in the compiled wire contract.
-    pub(crate) fn proto_fields(message: &str) -> Vec<String> {
-        let bytes = include_bytes!(concat!(env!("OUT_DIR"), "/vtox_descriptors.bin"));
-        let set = prost_types::FileDescriptorSet::decode(&bytes[..]).unwrap();
-        set.file
-            .iter()
-            .flat_map(|f| &f.message_type)
-            .find(|m| m.name() == message)
-            .map(|m| m.field.iter().map(|f| f.name().to_string()).collect())
-            .unwrap_or_default()
-    }
 
     #[test]
     fn the_table_names_every_field_of_the_wire_contract_once() {
-        let mut wire = proto_fields("Supervision");
+        let mut wire = crate::wire::proto_fields("Supervision");
         wire.sort();
         let mut table: Vec<String> = FIELDS.iter().map(|f| f.name.to_string()).collect();
         table.sort();

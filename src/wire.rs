@@ -5,7 +5,6 @@ pub mod pb {
     tonic::include_proto!("vtox.v1");
 }
 
-use crate::metrics::SimReport;
 use std::marker::PhantomData;
 use tonic::codec::{BufferSettings, Codec};
 use tonic_prost::{ProstDecoder, ProstEncoder};
@@ -46,7 +45,6 @@ where
     }
 }
 use crate::plan::InstanceRange;
-use base64::Engine as _;
 
 impl pb::RunState {
     /// The name users read in tables, JSON and reports.
@@ -72,103 +70,25 @@ impl pb::RunState {
     }
 }
 
+/// The field names of `message` in the compiled wire contract (build.rs writes its
+/// descriptors), for the tests that check a table names every field.
+#[cfg(test)]
+pub(crate) fn proto_fields(message: &str) -> Vec<String> {
+    use prost::Message as _;
+    let bytes = include_bytes!(concat!(env!("OUT_DIR"), "/vtox_descriptors.bin"));
+    let Ok(set) = prost_types::FileDescriptorSet::decode(&bytes[..]) else {
+        return Vec::new();
+    };
+    set.file
+        .iter()
+        .flat_map(|f| &f.message_type)
+        .find(|m| m.name() == message)
+        .map(|m| m.field.iter().map(|f| f.name().to_string()).collect())
+        .unwrap_or_default()
+}
+
 /// The wire protocol's major version; a coordinator refuses agents that speak another.
 pub const PROTOCOL_MAJOR: u32 = 1;
-
-impl pb::Counters {
-    /// The counters of one metric line of `vtox-sim`.
-    pub fn from_report(r: &SimReport) -> Self {
-        let hdr = |b64: &str| {
-            base64::engine::general_purpose::STANDARD
-                .decode(b64)
-                .unwrap_or_default()
-        };
-        let latency_hdr = hdr(&r.latency);
-        pb::Counters {
-            sent: r.sent,
-            accepted: r.accepted,
-            failed: r.failed,
-            dropped: r.dropped,
-            dropped_busy: r.dropped_busy,
-            connections: r.connections,
-            bytes: r.bytes,
-            timeouts: r.failures.timeout,
-            late_accepted: r.late_accepted,
-            timeouts_unsent: r.failures.timeout_unsent,
-            connect_errors: r.failures.connect,
-            protocol_errors: r.failures.protocol,
-            tls_errors: r.failures.tls,
-            logins: r.logins,
-            status: r
-                .failures
-                .status
-                .iter()
-                .map(|(k, v)| (u32::from(*k), *v))
-                .collect(),
-            elapsed_s: r.elapsed_s,
-            max_lag_ms: r.max_lag_ms,
-            latency_hdr,
-            latency_summary: None,
-            active_vehicles: r.active_vehicles,
-            bad_lines: 0,
-            produced: r.produced,
-            buffered: r.buffered,
-            retried: r.retried,
-            buffer_dropped: r.buffer_dropped,
-            delivered_late: r.delivered_late,
-            resent_after_timeout: r.resent_after_timeout,
-            discarded: r.discarded,
-            offline: r.offline,
-            offline_ticks: r.offline_ticks,
-            delay_hdr: hdr(&r.delay),
-            late_age_hdr: hdr(&r.late_age),
-        }
-    }
-
-    /// Adds `other` to these counters (histograms are merged separately: see `Latency`).
-    pub fn add(&mut self, o: &pb::Counters) {
-        self.sent += o.sent;
-        self.accepted += o.accepted;
-        self.failed += o.failed;
-        self.dropped += o.dropped;
-        self.dropped_busy += o.dropped_busy;
-        self.connections += o.connections;
-        self.bytes += o.bytes;
-        self.timeouts += o.timeouts;
-        self.late_accepted += o.late_accepted;
-        self.timeouts_unsent += o.timeouts_unsent;
-        self.connect_errors += o.connect_errors;
-        self.protocol_errors += o.protocol_errors;
-        self.tls_errors += o.tls_errors;
-        self.logins += o.logins;
-        for (k, v) in &o.status {
-            *self.status.entry(*k).or_default() += v;
-        }
-        self.active_vehicles += o.active_vehicles;
-        self.bad_lines += o.bad_lines;
-        self.produced += o.produced;
-        self.buffered += o.buffered;
-        self.retried += o.retried;
-        self.buffer_dropped += o.buffer_dropped;
-        self.delivered_late += o.delivered_late;
-        self.resent_after_timeout += o.resent_after_timeout;
-        self.discarded += o.discarded;
-        self.offline += o.offline;
-        self.offline_ticks += o.offline_ticks;
-        self.max_lag_ms = self.max_lag_ms.max(o.max_lag_ms);
-        self.elapsed_s = self.elapsed_s.max(o.elapsed_s);
-    }
-
-    /// Percent of finished requests that were accepted; 100 when none finished.
-    pub fn success_percent(&self) -> f64 {
-        let done = self.accepted + self.failed;
-        if done == 0 {
-            100.0
-        } else {
-            self.accepted as f64 * 100.0 / done as f64
-        }
-    }
-}
 
 impl From<&InstanceRange> for pb::InstanceSpec {
     fn from(i: &InstanceRange) -> Self {
@@ -193,7 +113,6 @@ impl From<&pb::InstanceSpec> for InstanceRange {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::{Failures, Latency};
 
     #[test]
     fn run_states_read_as_users_know_them_and_as_old_state_files_wrote_them() {
@@ -223,71 +142,5 @@ mod tests {
             (3, 150, 50)
         );
         assert_eq!(InstanceRange::from(&spec), r);
-    }
-
-    #[test]
-    fn counters_from_a_metric_line_add_up() {
-        let mut lat = Latency::new();
-        lat.record_us(1500);
-        let mut failures = Failures::default();
-        failures.status.insert(503, 2);
-        failures.timeout = 1;
-        failures.protocol = 2;
-        failures.tls = 1;
-        let mut delay = Latency::new();
-        delay.record_us(9000);
-        let r = SimReport {
-            sent: 10,
-            accepted: 4,
-            failed: 6,
-            logins: 2,
-            failures,
-            latency: lat.encode(),
-            produced: 9,
-            buffered: 3,
-            retried: 2,
-            buffer_dropped: 1,
-            delivered_late: 1,
-            resent_after_timeout: 1,
-            discarded: 1,
-            offline: 2,
-            offline_ticks: 5,
-            delay: delay.encode(),
-            ..Default::default()
-        };
-        let c = pb::Counters::from_report(&r);
-        assert_eq!((c.sent, c.accepted, c.failed, c.timeouts), (10, 4, 6, 1));
-        assert_eq!((c.protocol_errors, c.tls_errors, c.logins), (2, 1, 2));
-        assert_eq!(c.status.get(&503), Some(&2));
-        let mut total = c.clone();
-        total.add(&c);
-        assert_eq!((total.sent, total.status.get(&503).copied()), (20, Some(4)));
-        assert_eq!(
-            (total.protocol_errors, total.tls_errors, total.logins),
-            (4, 2, 4)
-        );
-        assert!((total.success_percent() - 40.0).abs() < 1e-9);
-        let back = Latency::from_bytes(&c.latency_hdr).unwrap();
-        assert_eq!(back.count(), 1);
-        assert_eq!(
-            (
-                total.produced,
-                total.buffered,
-                total.retried,
-                total.buffer_dropped
-            ),
-            (18, 6, 4, 2)
-        );
-        assert_eq!(
-            (
-                total.delivered_late,
-                total.resent_after_timeout,
-                total.discarded,
-                total.offline,
-                total.offline_ticks
-            ),
-            (2, 2, 2, 4, 10)
-        );
-        assert_eq!(Latency::from_bytes(&c.delay_hdr).unwrap().count(), 1);
     }
 }

@@ -10,8 +10,8 @@ use std::net::{TcpListener, TcpStream};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use vtox::counters::SimReport;
 use vtox::fleet::vehicle_id;
-use vtox::metrics::SimReport;
 
 /// Runs the simulator to its end; returns the final metric line and everything it logged.
 fn run_sim(args: &[&str]) -> (SimReport, String, String) {

@@ -9,7 +9,7 @@ use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
-use vtox::metrics::SimReport;
+use vtox::counters::SimReport;
 
 /// What a test server saw.
 #[derive(Default)]

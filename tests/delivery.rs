@@ -7,7 +7,8 @@ mod common;
 use common::*;
 use std::io::{BufRead, BufReader};
 use std::time::Duration;
-use vtox::metrics::{Latency, SimReport};
+use vtox::counters::SimReport;
+use vtox::metrics::Latency;
 
 /// Runs the simulator to its end and returns every metric line, the final one last.
 fn run_sim(args: &[&str], deadline: Duration) -> Vec<SimReport> {

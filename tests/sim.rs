@@ -8,8 +8,8 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
+use vtox::counters::SimReport;
 use vtox::fleet::vehicle_id;
-use vtox::metrics::SimReport;
 
 /// Forwards the simulator's metric lines to a channel as they arrive.
 fn lines(p: &mut Proc) -> mpsc::Receiver<SimReport> {

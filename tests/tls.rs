@@ -12,7 +12,7 @@ use std::time::Duration;
 use tokio_rustls::rustls;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use vtox::metrics::SimReport;
+use vtox::counters::SimReport;
 
 fn openssl(dir: &str, args: &[&str]) {
     let st = Command::new("openssl")

@@ -713,8 +713,12 @@ mod tests {
         s.exited(2, 1002, None, "signal: 9", ms(t0, 10), |k| {
             seen = Some(k.clone());
             let mut t = [0u64; TALLY_SLOTS];
-            t[crate::metrics::TALLY_SENT] = 10;
-            t[crate::metrics::TALLY_ACCEPTED] = 10;
+            for c in [
+                crate::counters::Counter::Sent,
+                crate::counters::Counter::Accepted,
+            ] {
+                t[c.def().tally.unwrap_or(0)] = 10;
+            }
             Some(t)
         });
         let k = seen.unwrap();

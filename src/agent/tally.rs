@@ -2,7 +2,6 @@
 //! restarted agent needs to report it, holding the exact totals even of a killed process.
 //! Names and arithmetic only; the agent reads the files.
 
-use crate::wire::pb;
 use std::path::PathBuf;
 
 /// Names the tally of one incarnation by everything a restarted agent needs to report it.
@@ -55,30 +54,7 @@ impl TallyKey {
     }
 }
 
-/// Raises the counters to a tally's totals (never lowers them: the tally may be from an
-/// incarnation that never got going).
-pub fn apply_tally(c: &mut pb::Counters, t: &[u64; crate::metrics::TALLY_SLOTS]) {
-    use crate::metrics::*;
-    if t[TALLY_SENT] < c.sent {
-        return;
-    }
-    c.sent = t[TALLY_SENT];
-    c.accepted = c.accepted.max(t[TALLY_ACCEPTED]);
-    c.failed = c.failed.max(t[TALLY_FAILED]);
-    c.dropped = c.dropped.max(t[TALLY_DROPPED]);
-    c.bytes = c.bytes.max(t[TALLY_BYTES]);
-    c.timeouts = c.timeouts.max(t[TALLY_TIMEOUT]);
-    c.late_accepted = c.late_accepted.max(t[TALLY_LATE]);
-    c.timeouts_unsent = c.timeouts_unsent.max(t[TALLY_UNSENT]);
-    c.connect_errors = c.connect_errors.max(t[TALLY_CONNECT]);
-    c.produced = c.produced.max(t[TALLY_PRODUCED]);
-    c.retried = c.retried.max(t[TALLY_RETRIED]);
-    c.buffer_dropped = c.buffer_dropped.max(t[TALLY_BUFFER_DROPPED]);
-    c.delivered_late = c.delivered_late.max(t[TALLY_DELIVERED_LATE]);
-    c.resent_after_timeout = c.resent_after_timeout.max(t[TALLY_RESENT]);
-    c.discarded = c.discarded.max(t[TALLY_DISCARDED]);
-    c.offline_ticks = c.offline_ticks.max(t[TALLY_OFFLINE_TICKS]);
-}
+pub use crate::counters::apply_tally;
 
 #[cfg(test)]
 mod tests {
@@ -102,31 +78,5 @@ mod tests {
         assert_eq!(TallyKey::parse(name), Some(k));
         assert_eq!(TallyKey::parse("instance-0.tally"), None);
         assert_eq!(TallyKey::parse(".1.2.3.4.tally"), None);
-    }
-
-    #[test]
-    fn a_tally_raises_counters_but_never_lowers_them() {
-        use crate::metrics::*;
-        let mut t = [0u64; TALLY_SLOTS];
-        t[TALLY_SENT] = 10;
-        t[TALLY_ACCEPTED] = 9;
-        t[TALLY_FAILED] = 1;
-        t[TALLY_TIMEOUT] = 1;
-        t[TALLY_LATE] = 1;
-        let mut c = pb::Counters {
-            sent: 8,
-            accepted: 8,
-            ..Default::default()
-        };
-        apply_tally(&mut c, &t);
-        assert_eq!((c.sent, c.accepted, c.failed), (10, 9, 1));
-        assert_eq!((c.timeouts, c.late_accepted), (1, 1));
-        let mut newer = pb::Counters {
-            sent: 20,
-            accepted: 20,
-            ..Default::default()
-        };
-        apply_tally(&mut newer, &t);
-        assert_eq!((newer.sent, newer.accepted), (20, 20));
     }
 }

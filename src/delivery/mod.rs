@@ -7,6 +7,8 @@
 //!
 //! Pure: the engine tells a vehicle's [`Modem`] what happened and when, and sends what it says.
 
+pub mod forward;
+
 use crate::rng::{hash3, uniform};
 use std::collections::VecDeque;
 use std::time::Duration;
