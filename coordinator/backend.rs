@@ -2,15 +2,14 @@
 //! diagnosis backlog, and the diagnosis results joined to their raw entries for the score.
 //! Only EXISTS, XINFO, XRANGE and TIME are ever sent: vtox never writes to a backend's Redis.
 
+use crate::args::{RedisArgs, ScoreArgs};
 use anyhow::{anyhow, Context, Result};
-use clap::Args as ClapArgs;
 use redis::aio::MultiplexedConnection;
 use redis::Value;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 use vtox::backlog::{self, parse_entries_added, parse_groups, text, Sample};
-use vtox::duration::parse_duration;
 use vtox::redis_url::shown;
 use vtox::score::{Diagnosis, Raw, Scorecard, Truth};
 
@@ -18,37 +17,6 @@ use vtox::score::{Diagnosis, Raw, Scorecard, Truth};
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Results read per XRANGE page.
 const PAGE: usize = 500;
-
-#[derive(Debug, Clone, ClapArgs)]
-pub struct RedisArgs {
-    /// The backend's Redis, watched read-only: diagnosis backlog per consumer group, and the
-    /// diagnoses scored against the injected faults.
-    #[arg(long, value_name = "URL", value_parser = vtox::redis_url::parse)]
-    pub redis: Option<String>,
-    /// The stream the ingest API appends raw messages to.
-    #[arg(long, default_value = backlog::RAW_STREAM, value_name = "KEY")]
-    pub raw_stream: String,
-    /// The stream the analyzers write diagnoses to.
-    #[arg(long, default_value = backlog::RESULTS_STREAM, value_name = "KEY")]
-    pub results_stream: String,
-    /// A consumer group whose backlog grows faster than this percent of the ingest rate
-    /// (and at least 2 entries/s) falls behind.
-    #[arg(long, default_value_t = 10.0, value_name = "PERCENT")]
-    pub backlog_tolerance: f64,
-}
-
-impl RedisArgs {
-    pub fn tolerance(&self) -> f64 {
-        self.backlog_tolerance / 100.0
-    }
-
-    pub fn check(&self) -> Result<()> {
-        if !(0.0..=1000.0).contains(&self.backlog_tolerance) {
-            anyhow::bail!("--backlog-tolerance must be a percentage from 0 to 1000");
-        }
-        Ok(())
-    }
-}
 
 async fn call<T: redis::FromRedisValue>(
     con: &mut MultiplexedConnection,
@@ -334,18 +302,6 @@ impl Drop for Sampler {
     fn drop(&mut self) {
         self.task.abort();
     }
-}
-
-#[derive(Debug, ClapArgs)]
-pub struct ScoreArgs {
-    #[command(flatten)]
-    pub redis: RedisArgs,
-    /// Only the diagnoses written in this last stretch of time [default: all].
-    #[arg(long, value_parser = parse_duration)]
-    pub since: Option<Duration>,
-    /// Print one JSON object.
-    #[arg(long)]
-    pub json: bool,
 }
 
 /// `vtox-coord score`.

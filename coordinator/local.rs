@@ -47,7 +47,7 @@ async fn wait_listening(addr: &str, deadline: Duration) -> bool {
 /// Where a local cluster's dashboard listens (None: no dashboard), and the Redis it watches.
 pub struct LocalWeb {
     pub listen: std::net::SocketAddr,
-    pub redis: crate::backend::RedisArgs,
+    pub redis: crate::args::RedisArgs,
 }
 
 pub async fn start(target: Option<String>, web: Option<LocalWeb>) -> Result<LocalCluster> {
@@ -56,11 +56,12 @@ pub async fn start(target: Option<String>, web: Option<LocalWeb>) -> Result<Loca
         .context("cannot listen on loopback")?;
     let addr = listener.local_addr()?;
     // `serve`'s own defaults, so that a local run behaves like a served one.
-    let serve = crate::ServeArgs::defaults()?;
-    let coord = Coordinator::new(serve.settings()).map_err(|e| anyhow::anyhow!(e))?;
+    let serve = crate::args::ServeArgs::defaults()?;
+    let coord =
+        Coordinator::new(crate::server::Settings::of(&serve)).map_err(|e| anyhow::anyhow!(e))?;
     let coord_for_web = coord.clone();
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let server = tokio::spawn(crate::cli::serve_on(
+    let server = tokio::spawn(crate::serve::serve_on(
         listener,
         coord,
         vtox::auth::Check::default(),
@@ -126,7 +127,7 @@ pub async fn start(target: Option<String>, web: Option<LocalWeb>) -> Result<Loca
         let opts = crate::web::WebOptions {
             listen: w.listen,
             insecure: false,
-            grpc_url: cluster.coord_url.clone(),
+            grpc: crate::client::Coord::new(&cluster.coord_url, &crate::client::Access::default()),
             grpc_tls: false,
             default_target: Some(cluster.target.clone()),
             local_sink: sink_started,

@@ -4,17 +4,16 @@
 //! measurements (rules in `vtox::ramp`). Exit code 0 when every step passed, 99 when a step
 //! missed an SLO (as k6 does).
 
+use crate::args::RampArgs;
 use crate::backend::{unix_now, BackendRedis, Sampler};
-use crate::cli::{connect, status_error};
-use crate::drive::{self, DriveArgs};
+use crate::client::{status_error, ControlClient, Coord};
+use crate::drive;
 use anyhow::{anyhow, bail, Context, Result};
-use clap::Args as ClapArgs;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::process::ExitCode;
 use std::time::Duration;
 use vtox::backlog;
-use vtox::duration::parse_duration;
 use vtox::metrics::Latency;
 use vtox::ramp::{self as rules, GeneratorEvidence, GeneratorVerdict, HostUse, Search};
 use vtox::wire::pb;
@@ -23,87 +22,6 @@ use vtox::wire::pb;
 pub const EXIT_THRESHOLD: u8 = 99;
 /// A step also fails when the backend accepted less than this share of the expected rate.
 const MIN_THROUGHPUT_SHARE: f64 = 0.95;
-
-/// `5%`, `5` or `0.5%`: a percentage from 0 (exclusive) to 100.
-fn parse_percent(s: &str) -> Result<f64, String> {
-    let v: f64 = s
-        .trim()
-        .trim_end_matches('%')
-        .trim()
-        .parse()
-        .map_err(|_| format!("{s:?} is not a percentage, e.g. 5%"))?;
-    if v > 0.0 && v <= 100.0 {
-        Ok(v)
-    } else {
-        Err(format!("{s:?} must be above 0% and at most 100%"))
-    }
-}
-
-#[derive(Debug, ClapArgs)]
-pub struct RampArgs {
-    /// Fleet sizes, in order.
-    #[arg(
-        long,
-        default_value = "50,100,200,300,500,750,1000",
-        value_delimiter = ','
-    )]
-    pub steps: Vec<u64>,
-    /// Measured time of each step.
-    #[arg(long, default_value = "60s", value_parser = parse_duration)]
-    pub step_duration: Duration,
-    /// Unmeasured time at the start of each step.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
-    pub warmup: Duration,
-    /// A step fails when the 95th percentile of its latency (service time: request handed to a
-    /// connection until the answer was read, the backend's own responsiveness) exceeds this.
-    #[arg(long, default_value = "500ms", value_parser = parse_duration)]
-    pub max_p95: Duration,
-    /// A step also fails when the 95th percentile of its delay (each message's scheduled time
-    /// until its answer: what a vehicle's buffer or a stalled generator added, i.e. how fresh
-    /// the data is when the backend has it) exceeds this [default: not judged].
-    #[arg(long, value_parser = parse_duration)]
-    pub max_delay_p95: Option<Duration>,
-    /// Run every planned step even after one failed.
-    #[arg(long = "continue")]
-    pub keep_going: bool,
-    /// After the first failing step, bisect between the last passing fleet (or 0) and the
-    /// failing one until the gap is at most this share of the failing fleet.
-    #[arg(long, default_value = "5%", value_parser = parse_percent, value_name = "PERCENT")]
-    pub search_resolution: f64,
-    /// Measured time of each search step [default: half of --step-duration].
-    #[arg(long, value_parser = parse_duration)]
-    pub search_step_duration: Option<Duration>,
-    /// Do not search for the knee after a failing step.
-    #[arg(long)]
-    pub no_search: bool,
-    /// Where the JSON report goes.
-    #[arg(long, default_value = "performance_test_report.json")]
-    pub out: std::path::PathBuf,
-    /// Also write one self-contained HTML file with the verdicts and charts.
-    #[arg(long, value_name = "FILE")]
-    pub html: Option<std::path::PathBuf>,
-    /// Also write per-second history to PREFIX_stats_history.csv (Locust's layout).
-    #[arg(long, value_name = "PREFIX")]
-    pub csv: Option<String>,
-    #[command(flatten)]
-    pub drive: DriveArgs,
-}
-
-impl RampArgs {
-    /// Everything checked before any process starts.
-    pub fn check(&self) -> Result<()> {
-        if self.steps.is_empty() || self.steps.contains(&0) {
-            bail!("--steps must list fleet sizes of at least 1 vehicle");
-        }
-        self.drive.check()
-    }
-
-    fn search_duration(&self) -> Duration {
-        self.search_step_duration
-            .unwrap_or(self.step_duration / 2)
-            .max(Duration::from_secs(1))
-    }
-}
 
 /// One second of the ramp, for the CSV history.
 struct HistoryRow {
@@ -119,7 +37,7 @@ struct HistoryRow {
 /// Tells the coordinator how far the ramp got, for its dashboard. Best effort: a coordinator
 /// that cannot take it (an older one) changes nothing about the ramp.
 struct Progress {
-    client: Option<crate::cli::ControlClient>,
+    client: Option<ControlClient>,
     id: String,
     interval: f64,
     /// The SLOs the steps are judged by, so that the dashboard draws them as the report does.
@@ -127,9 +45,9 @@ struct Progress {
 }
 
 impl Progress {
-    async fn new(url: &str, a: &RampArgs) -> Progress {
+    async fn new(coord: &Coord, a: &RampArgs) -> Progress {
         Progress {
-            client: connect(url).await.ok(),
+            client: coord.connect().await.ok(),
             id: format!("ramp-{}", (unix_now() * 1000.0) as u64),
             interval: a.drive.load.interval.as_secs_f64(),
             slo: json!({
@@ -297,32 +215,32 @@ impl Step {
     }
 }
 
-pub async fn ramp(a: RampArgs) -> Result<ExitCode> {
-    a.check()?;
-    let mut redis = BackendRedis::connect(&a.drive.redis).await?;
+/// Runs the ramp against the coordinator `coord` and `target` (the caller set them up, a
+/// local cluster perhaps), with the backend's Redis when given; writes the report.
+pub async fn ramp(
+    a: &RampArgs,
+    coord: &Coord,
+    target: &str,
+    mut redis: Option<BackendRedis>,
+) -> Result<ExitCode> {
     let score_from = match &mut redis {
         Some(r) => Some(r.server_ms().await?),
         None => None,
     };
     let keep = (a.warmup + a.step_duration).as_secs() as usize + 30;
     let sampler = redis.clone().map(|r| Sampler::start(r, keep));
-    let (cluster, url, target) = a.drive.endpoints().await?;
     let mut history = Vec::new();
-    let mut progress = Progress::new(&url, &a).await;
+    let mut progress = Progress::new(coord, a).await;
     let result = run_steps(
-        &a,
-        &url,
-        &target,
+        a,
+        coord,
+        target,
         sampler.as_ref(),
         &mut history,
         &mut progress,
     )
     .await;
-    let outcome = finish(&a, result, redis, score_from, &history, &mut progress).await;
-    if let Some(c) = cluster {
-        c.shutdown().await;
-    }
-    outcome
+    finish(a, result, redis, score_from, &history, &mut progress).await
 }
 
 /// Writes the report of the steps measured and tells the coordinator how the ramp ended.
@@ -406,18 +324,18 @@ async fn finish(
 
 async fn run_steps(
     a: &RampArgs,
-    url: &str,
+    coord: &Coord,
     target: &str,
     sampler: Option<&Sampler>,
     history: &mut Vec<HistoryRow>,
     progress: &mut Progress,
 ) -> Result<(Vec<Step>, bool)> {
-    let mut client = connect(url).await?;
+    let mut client = coord.connect().await?;
     drive::wait_for_agents(&mut client, a.drive.expect_agents, a.drive.wait).await?;
     let mut shutdown = drive::shutdown_signal();
     let ctx = Ctx {
         a,
-        url,
+        coord,
         target,
         sampler,
     };
@@ -552,7 +470,7 @@ fn causes(t0: &pb::Counters, t1: &pb::Counters) -> BTreeMap<String, u64> {
 /// What every step of one ramp shares.
 struct Ctx<'a> {
     a: &'a RampArgs,
-    url: &'a str,
+    coord: &'a Coord,
     target: &'a str,
     sampler: Option<&'a Sampler>,
 }
@@ -560,7 +478,7 @@ struct Ctx<'a> {
 /// Runs one step and judges it; None when interrupted (the step's run is stopped).
 async fn run_step(
     ctx: &Ctx<'_>,
-    client: &mut crate::cli::ControlClient,
+    client: &mut ControlClient,
     n: u64,
     search: bool,
     history: &mut Vec<HistoryRow>,
@@ -568,7 +486,7 @@ async fn run_step(
 ) -> Result<Option<Step>> {
     let Ctx {
         a,
-        url,
+        coord,
         target,
         sampler,
     } = *ctx;
@@ -600,7 +518,7 @@ async fn run_step(
     let schedule_end = 1.0 + (a.warmup + measured).as_secs_f64();
     let watched = drive::watch_run(
         client,
-        url,
+        coord,
         &started.run_id,
         Duration::from_millis(500),
         shutdown,
@@ -1159,15 +1077,6 @@ fn escape(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn percentages_parse_with_or_without_the_sign() {
-        assert_eq!(parse_percent("5%"), Ok(5.0));
-        assert_eq!(parse_percent("2.5"), Ok(2.5));
-        assert!(parse_percent("0%").is_err());
-        assert!(parse_percent("120%").is_err());
-        assert!(parse_percent("x").is_err());
-    }
 
     #[test]
     fn failures_by_cause_are_differences_per_status() {

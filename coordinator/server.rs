@@ -53,6 +53,20 @@ pub struct Settings {
     pub max_join_rate: u32,
 }
 
+impl Settings {
+    /// `serve`'s flags as the server takes them.
+    pub fn of(a: &crate::args::ServeArgs) -> Settings {
+        Settings {
+            lease: a.lease,
+            heartbeat: a.heartbeat,
+            grace: a.grace,
+            state_dir: a.state_dir.clone(),
+            max_agents: a.max_agents,
+            max_join_rate: a.max_join_rate,
+        }
+    }
+}
+
 /// What an agent was last sent: its session, run and instances (index, first, vehicles).
 type Sent = (u64, String, Vec<(u32, u64, u64)>);
 

@@ -9,7 +9,9 @@
 //! signs in once and holds an HttpOnly, SameSite=Strict session cookie; every call checks it,
 //! and state-changing calls are JSON POSTs from the page's own origin.
 
-use crate::backend::{BackendRedis, RedisArgs, Sampler};
+use crate::args::{RampArgs, RedisArgs, RunArgs, DEFAULT_TARGET};
+use crate::backend::{BackendRedis, Sampler};
+use crate::client::Coord;
 use crate::server::Coordinator;
 use anyhow::{bail, Context, Result};
 use axum::extract::{Path, State};
@@ -55,9 +57,9 @@ pub struct WebOptions {
     pub listen: SocketAddr,
     /// Listen beyond loopback without a token.
     pub insecure: bool,
-    /// The coordinator's gRPC address, for ramps started from the page (they are clients of
-    /// it like the CLI's).
-    pub grpc_url: String,
+    /// The coordinator's gRPC address and its token, for ramps started from the page (they are
+    /// clients of it like the CLI's); the token is also the page's own.
+    pub grpc: Coord,
     /// Whether that gRPC speaks TLS (ramps cannot be started from the page then).
     pub grpc_tls: bool,
     /// The target a run or ramp started from the page drives when none is given.
@@ -103,7 +105,7 @@ impl Drop for WebServer {
 
 /// Binds the dashboard and serves it in the background.
 pub async fn start(coord: Arc<Coordinator>, opts: WebOptions) -> Result<WebServer> {
-    let token = crate::cli::token().map(String::from);
+    let token = opts.grpc.access.token.clone();
     if !opts.listen.ip().is_loopback() && token.is_none() && !opts.insecure {
         bail!(
             "refusing to serve the dashboard on {} without a token: anyone who reaches it could drive the fleet; pass --token-file (or VTOX_TOKEN), or --insecure",
@@ -322,7 +324,7 @@ async fn session(State(web): State<Arc<Web>>, headers: HeaderMap) -> Response {
     ok(json!({
         "auth_required": web.token.is_some(),
         "signed_in": web.allowed(&headers),
-        "default_target": web.opts.default_target.clone().unwrap_or_else(|| crate::drive::DEFAULT_TARGET.to_string()),
+        "default_target": web.opts.default_target.clone().unwrap_or_else(|| DEFAULT_TARGET.to_string()),
         "redis": web.opts.redis.redis.is_some(),
     }))
 }
@@ -472,7 +474,7 @@ pub struct RunForm {
 #[command(name = "run")]
 struct RunCli {
     #[command(flatten)]
-    run: crate::RunArgs,
+    run: RunArgs,
 }
 
 /// `ramp` likewise.
@@ -480,7 +482,7 @@ struct RunCli {
 #[command(name = "ramp")]
 struct RampCli {
     #[command(flatten)]
-    ramp: crate::ramp::RampArgs,
+    ramp: RampArgs,
 }
 
 /// clap's message without its "error:" and its advice to read --help.
@@ -570,10 +572,7 @@ fn form_errors(errors: FormErrors) -> Response {
 }
 
 /// The run the form asks for, or each field's error.
-pub fn parse_run_form(
-    f: &RunForm,
-    default_target: &str,
-) -> Result<(crate::RunArgs, String), FormErrors> {
+pub fn parse_run_form(f: &RunForm, default_target: &str) -> Result<(RunArgs, String), FormErrors> {
     let fields: [(&'static str, &str, &str); 7] = [
         ("vehicles", "", &f.vehicles),
         ("interval", "--interval", &f.interval),
@@ -616,7 +615,7 @@ async fn start_run(
         .opts
         .default_target
         .clone()
-        .unwrap_or_else(|| crate::drive::DEFAULT_TARGET.to_string());
+        .unwrap_or_else(|| DEFAULT_TARGET.to_string());
     let (run, target) = match parse_run_form(&form, &default_target) {
         Ok(r) => r,
         Err(errors) => {
@@ -630,9 +629,8 @@ async fn start_run(
     let req = pb::StartRequest {
         params: Some(pb::PlanParams {
             first_vehicle: run.first_vehicle,
-            ..crate::cli::params_of(
+            ..d.load.params(
                 run.vehicles,
-                &d.load,
                 web.opts.local_sink && target == default_target,
             )
         }),
@@ -713,12 +711,7 @@ async fn start_ramp(
     ];
     let dir = std::env::temp_dir().join(format!("vtox-ramp-{}", std::process::id()));
     let out = dir.join("performance_test_report.json");
-    let mut extra = vec![
-        "--coord".to_string(),
-        web.opts.grpc_url.clone(),
-        "--out".to_string(),
-        out.to_string_lossy().into_owned(),
-    ];
+    let mut extra = vec!["--out".to_string(), out.to_string_lossy().into_owned()];
     if f.target.trim().is_empty() {
         if let Some(t) = &web.opts.default_target {
             extra.extend(["--target".to_string(), t.clone()]);
@@ -734,8 +727,14 @@ async fn start_ramp(
             format!("cannot create {}: {e}", dir.display()),
         );
     }
+    let coord = web.opts.grpc.clone();
+    let target = args
+        .drive
+        .target
+        .clone()
+        .unwrap_or_else(|| DEFAULT_TARGET.to_string());
     let task = tokio::spawn(async move {
-        match crate::ramp::ramp(args).await {
+        match crate::ramp::ramp(&args, &coord, &target, None).await {
             Ok(code) => tracing::info!(?code, "the ramp started from the dashboard ended"),
             Err(e) => tracing::warn!("the ramp started from the dashboard failed: {e:#}"),
         }
