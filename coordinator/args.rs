@@ -135,7 +135,7 @@ pub struct LoadArgs {
 #[derive(Debug, ClapArgs)]
 pub struct PlanArgs {
     /// Number of vehicles.
-    #[arg(value_parser = crate::planning::parse_vehicles, allow_hyphen_values = true)]
+    #[arg(value_parser = vtox::planning::parse_vehicles, allow_hyphen_values = true)]
     pub vehicles: u64,
     /// Plan over the agents joined to this coordinator.
     #[arg(long, conflicts_with = "hosts")]
@@ -180,7 +180,7 @@ pub struct CapacityArgs {
 #[derive(Debug, ClapArgs)]
 pub struct RunArgs {
     /// Number of vehicles.
-    #[arg(value_parser = crate::planning::parse_vehicles, allow_hyphen_values = true)]
+    #[arg(value_parser = vtox::planning::parse_vehicles, allow_hyphen_values = true)]
     pub vehicles: u64,
     #[command(flatten)]
     pub drive: DriveArgs,

@@ -5,7 +5,6 @@ use crate::args::{AgentsArgs, CapacityArgs, CoordArg, PlanArgs, StatusArgs};
 use crate::backend::{BackendRedis, Sampler};
 use crate::client::{status_error, Access, Coord};
 use crate::drive;
-use crate::planning::{self, Host};
 use crate::render::{gib, link, plan_json, plan_table, status_json, summary, LiveView};
 use anyhow::{anyhow, bail, Result};
 use serde_json::{json, Value};
@@ -13,6 +12,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 use vtox::backlog;
 use vtox::capacity;
+use vtox::planning::{self, Host};
 use vtox::wire::pb;
 
 /// Seconds of samples behind the live views' backlog trend.

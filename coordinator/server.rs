@@ -2,11 +2,6 @@
 //! (`control.rs`). Each handler reads the clock, locks, asks the core, unlocks and then sends
 //! what the core decided; the state file is written by its own task, never under the lock.
 
-use crate::control::{
-    Commands, Control, JoinRefused, Joining, Limits, MergedCache, Now, Rendered, SessionRefused,
-    StateToWrite,
-};
-use crate::planning;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -16,6 +11,11 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
+use vtox::control::{
+    Commands, Control, JoinRefused, Joining, Limits, MergedCache, Now, Rendered, SessionRefused,
+    StateToWrite,
+};
+use vtox::planning;
 use vtox::wire::pb::{self, agent_message, coordinator_message};
 use vtox::wire::PROTOCOL_MAJOR;
 

@@ -2,8 +2,8 @@
 //! fails a run whose fleet went undriven too long: nothing stops silently.
 
 use super::{AgentEntry, Control, Now};
+use crate::wire::pb::{self, End, Phase};
 use std::time::Instant;
-use vtox::wire::pb::{self, End, Phase};
 
 /// One instance whose vehicles are not driven now.
 #[derive(Debug, Clone, PartialEq)]

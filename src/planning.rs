@@ -1,9 +1,9 @@
 //! Glue between the wire types and the pure planner: agents' hardware reports become capacity
 //! estimates, and a plan becomes the reply the CLI prints.
 
-use vtox::capacity::{self, HostCosts, HostSpec, LoadParams};
-use vtox::plan::{self, Plan, PlanAgent};
-use vtox::wire::pb;
+use crate::capacity::{self, HostCosts, HostSpec, LoadParams};
+use crate::plan::{self, Plan, PlanAgent};
+use crate::wire::pb;
 
 /// The most vehicles one plan may hold: far beyond any fleet, small enough that a typo (an
 /// extra zero or three) is caught rather than planned.
