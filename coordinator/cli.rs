@@ -5,7 +5,7 @@ use crate::args::{AgentsArgs, CapacityArgs, CoordArg, PlanArgs, StatusArgs};
 use crate::backend::{BackendRedis, Sampler};
 use crate::client::{status_error, Access, Coord};
 use crate::drive;
-use crate::render::{gib, link, plan_json, plan_table, status_json, summary, LiveView};
+use crate::render::LiveView;
 use anyhow::{anyhow, bail, Result};
 use serde_json::{json, Value};
 use std::process::ExitCode;
@@ -13,6 +13,7 @@ use std::time::Duration;
 use vtox::backlog;
 use vtox::capacity;
 use vtox::planning::{self, Host};
+use vtox::render::{gib, link, plan_json, plan_table, status_json, summary};
 use vtox::wire::pb;
 
 /// Seconds of samples behind the live views' backlog trend.

@@ -8,12 +8,13 @@ use crate::cli::LIVE_WINDOW;
 use crate::client::{status_error, Access, ControlClient, Coord};
 use crate::drive;
 use crate::local::LocalCluster;
-use crate::render::{plan_table, status_json, summary, LiveView};
+use crate::render::LiveView;
 use anyhow::{anyhow, Result};
 use serde_json::json;
 use std::process::ExitCode;
 use std::time::Duration;
 use vtox::backlog;
+use vtox::render::{plan_table, status_json, summary};
 use vtox::wire::pb;
 
 /// Backlog samples a run keeps (one a second): its summary judges the last minute.
@@ -184,7 +185,7 @@ fn verdict(status: &pb::RunStatus, min_success: f64) -> ExitCode {
         eprintln!("error: no message was sent");
         return ExitCode::FAILURE;
     }
-    let generator = crate::render::generator_verdict(status);
+    let generator = vtox::render::generator_verdict(status);
     if !generator.healthy {
         eprintln!(
             "warning: the generator could not keep up ({}); the numbers above measure vtox's hosts, not the backend",

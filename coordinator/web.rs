@@ -438,7 +438,7 @@ async fn agent(
                 "first_vehicle": i.first_vehicle,
                 "last_vehicle": (i.first_vehicle + i.vehicles).saturating_sub(1),
                 "vehicles": i.vehicles,
-                "phase": crate::render::phase_name(i.phase),
+                "phase": vtox::render::phase_name(i.phase),
                 "restarts": i.restarts,
                 "incarnation": i.incarnation,
                 "last_error": i.last_error,

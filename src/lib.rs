@@ -29,6 +29,7 @@ pub mod process;
 pub mod prometheus;
 pub mod ramp;
 pub mod redis_url;
+pub mod render;
 pub mod rng;
 pub mod schedule;
 pub mod score;

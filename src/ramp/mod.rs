@@ -3,6 +3,9 @@
 //! gave out (the ingest API or the diagnosis behind it), the search for the knee between the
 //! last passing and the first failing fleet, and the reference report's keys.
 
+pub mod report;
+pub mod step;
+
 use serde::Serialize;
 
 /// Ticks later than this share of the interval (and never more than [`MAX_LAG_S`]) mean the
